@@ -25,6 +25,7 @@ log = logging.getLogger("labelrefine")
 T = TypeVar("T")
 
 _MODE = "log"
+LOG_INTERVAL = 5.0  # seconds between plain progress lines
 
 
 def configure(mode: str = "auto") -> None:
@@ -52,12 +53,17 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
     if _MODE == "off" or not total:
         yield from iterable
         return
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     step = max(1, total // 10)
     for i, item in enumerate(iterable, 1):
         yield item
         if i % step == 0 or i == total:
-            elapsed = time.perf_counter() - start
+            now = time.perf_counter()
+            # Quiet for quick loops; at most one line per LOG_INTERVAL seconds for long ones.
+            if now - last < LOG_INTERVAL and i != total or now - start < LOG_INTERVAL:
+                continue
+            last = now
+            elapsed = now - start
             eta = elapsed / i * (total - i)
             log.info("%s: %d/%d %s (%.0f%%, %.1fs elapsed, ETA %.1fs)", desc, i, total, unit,
                      100.0 * i / total, elapsed, eta)
