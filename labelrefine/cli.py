@@ -76,6 +76,34 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import run
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    cfg = load_config(args.config, args.set)
+    summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    keys = ("final_test_acc", "best_val_acc", "best_val_test_acc", "train_label_acc_before", "train_label_acc_after")
+    for key in keys:
+        if summary.get(key) is not None:
+            print(f"{key}: {summary[key]:.4f}")
+    print(f"achieved noise rate: {summary['noise']['achieved_rate']:.4f}")
+    print(f"label issues flagged: {summary['n_label_issues']}")
+    print(f"artifacts: {args.out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import list_methods
+
+    methods = list_methods()
+    width = max(len(m.name) for m in methods)
+    for m in methods:
+        print(f"{m.name:<{width}}  {m.summary}  [{m.paper}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="labelrefine",
@@ -102,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IDN only: value of a white pixel in the projection (255 = raw pixels, the reference)")
     n.add_argument("--out", metavar="FILE", help="write id,clean_label,noisy_label,is_noisy to this CSV")
     n.set_defaults(func=cmd_noise)
+
+    r = sub.add_parser(
+        "run",
+        help="train a method on a data set with label noise and write every artifact",
+        description="Run a method as configured: SSL, warmup, refinement, fine-tune (or a baseline). Writes "
+        "config.yaml, metrics.jsonl, labels.csv, summary.json, model.pt and report.html to --out.",
+    )
+    r.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set refine.threshold=0.8 (repeatable)")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    r.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in DIR")
+    r.set_defaults(func=cmd_run)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.set_defaults(func=cmd_methods)
     return p
 
 
@@ -117,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"labelrefine: error: {e}\n")
         return EXIT_USAGE
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingDiverged":
+            raise
+        sys.stderr.write(f"labelrefine: error: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("labelrefine: interrupted\n")
         return 130

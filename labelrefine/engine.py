@@ -1,0 +1,318 @@
+"""The training engine: device, AMP, data on the device, batching, the shared supervised loop.
+
+A method (``labelrefine.methods``) is a small state machine over a flat list of epochs
+(:class:`EpochSpec`). The engine (:func:`labelrefine.run.run`) asks it for that schedule, calls
+``run_epoch`` for each entry, evaluates after every supervised epoch and checkpoints. Methods
+get everything they need from a :class:`Context`:
+
+* the training images as a uint8 ``N×C×H×W`` tensor *on the device*, and the noisy labels;
+* batched, per-sample-random augmentation on the device (weak, strong, none);
+* a seeded generator for batch order, model construction, autocast, and whole-set scoring.
+
+Nothing here sees clean labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RunConfig
+from .data.augment import channel_stats, make_augment
+from .errors import UserError
+from .losses import softmax_weighted_ce
+from .models import create_backbone
+
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """One entry of a method's schedule.
+
+    Attributes:
+        phase: ``ssl``, ``warmup``, ``refine``, ``finetune``, ``train``, ...
+        iteration: refinement iteration (1-based; 0 outside refinement).
+        epoch: epoch within the phase or iteration (1-based).
+        supervised: evaluate on val/test after this epoch (False for SSL).
+    """
+
+    phase: str
+    iteration: int
+    epoch: int
+    supervised: bool = True
+
+    def as_dict(self) -> dict:
+        return {"phase": self.phase, "iteration": self.iteration, "epoch": self.epoch}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'device': unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config key 'device': {name!r} requested but CUDA is not available")
+    return dev
+
+
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype for ``mode`` on ``device`` (None = full precision)."""
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None  # CPU autocast is slower than fp32 on most CPUs
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+class Context:
+    """Everything a method needs, resident on the device. Built once per run.
+
+    Args:
+        cfg: the resolved run config.
+        images: uint8 ``(N, C, H, W)`` training images (the split the method trains on).
+        labels: int64 ``(N,)`` *noisy* training labels.
+        num_classes: C.
+        stats_images: images used for the normalisation statistics (default ``images``).
+        device: where the data and models live.
+        cache_dir: where the SSL encoder cache lives.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        *,
+        device: torch.device,
+        ssl_images: torch.Tensor | None = None,
+        cache_dir: str | None = None,
+        noise_rate: float = 0.0,
+    ):
+        self.cfg = cfg
+        self.device = device
+        self.num_classes = num_classes
+        self.cache_dir = cache_dir
+        self.noise_rate = noise_rate  # the *requested* rate, which some baselines take as a hyperparameter
+        self.x = images.to(device).contiguous()
+        self.y = labels.to(device)
+        self.n = self.x.shape[0]
+        self.ssl_images = images if ssl_images is None else ssl_images
+        self.channels, h, w = self.x.shape[1:]
+        self.image_size = (h, w)
+        mean, std = channel_stats(self.ssl_images)
+        self.mean, self.std = mean, std
+        common = {"image_size": (h, w), "channels": self.channels, "mean": mean, "std": std}
+        self.aug_none = make_augment("none", **common)
+        self.aug_weak = make_augment(cfg.augment, flip=cfg.flip, **common) if cfg.augment != "none" \
+            else self.aug_none
+        self.aug_strong = make_augment("strong", flip=cfg.flip, crop_scale_min=cfg.ssl.crop_scale_min, **common)
+        self.amp = amp_dtype(device, cfg.amp)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # Batch order comes from its own generator so that evaluation never shifts it.
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # -- models ----------------------------------------------------------------------------
+    def new_model(self) -> nn.Module:
+        kwargs = {}
+        if self.cfg.model.backbone.startswith("resnet"):
+            kwargs["width"] = self.cfg.model.width
+        model = create_backbone(self.cfg.model.backbone, in_channels=self.channels,
+                                num_classes=self.num_classes, **kwargs)
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        if self.amp is torch.float16:
+            return torch.amp.GradScaler(self.device.type)
+        return None
+
+    # -- data ------------------------------------------------------------------------------
+    def permutation(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator).to(self.device)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, *, shuffle: bool = True,
+                drop_last: bool = False) -> Iterator[torch.Tensor]:
+        """Yield index batches over ``indices`` (a 1-D LongTensor on the device)."""
+        if shuffle:
+            indices = indices[self.permutation(len(indices))]
+        n = len(indices)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            yield indices[start:start + batch_size]
+
+    def augment(self, index: torch.Tensor, strong: torch.Tensor | None = None,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """Float, normalised, augmented batch for the samples ``index``.
+
+        ``strong`` (bool, same length) marks rows that get the SimCLR augmentation instead of
+        the weak one - the papers' "augmented copies" of pseudo-labelled samples.
+        """
+        x = (self.x if images is None else images)[index]
+        if strong is None or not bool(strong.any()):
+            out = self.aug_weak(x)
+        elif bool(strong.all()):
+            out = self.aug_strong(x)
+        else:
+            out = self.aug_weak(x)
+            out[strong] = self.aug_strong(x[strong])
+        return out.contiguous(memory_format=self.memory_format)
+
+    @torch.no_grad()
+    def logits_all(self, model: nn.Module, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(N, C)`` of every image (eval mode, no augmentation)."""
+        x = self.x if images is None else images
+        was_training = model.training
+        model.eval()
+        out = []
+        bs = self.cfg.optim.eval_batch_size
+        for start in range(0, x.shape[0], bs):
+            batch = self.aug_none(x[start:start + bs].to(self.device)).contiguous(memory_format=self.memory_format)
+            with self.autocast():
+                out.append(model(batch).float())
+        model.train(was_training)
+        if not out:
+            return torch.zeros(0, self.num_classes, device=self.device)
+        return torch.cat(out)
+
+
+def lr_factor(progress: float, total: float, schedule: str, warmup: float = 0.0) -> float:
+    """Multiplier of the peak lr after ``progress`` of ``total`` epochs (fractions allowed)."""
+    if warmup > 0 and progress < warmup:
+        return (progress + 1e-3) / warmup
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    t = min(max(progress / total, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Supervised:
+    """One network with its optimizer and lr schedule: the loop shared by single-net methods.
+
+    The lr follows ``optim.schedule`` over ``total_epochs`` of this trainer, evaluated per step
+    from the fractional epoch count, so the schedule survives a resume and epochs of different
+    lengths (the augmented copies make refinement epochs longer).
+    """
+
+    def __init__(self, ctx: Context, total_epochs: float, *, model: nn.Module | None = None,
+                 lr_scale: float = 1.0):
+        self.ctx = ctx
+        o = ctx.cfg.optim
+        self.model = model if model is not None else ctx.new_model()
+        self.total_epochs = float(total_epochs)
+        self.base_lr = o.lr * lr_scale
+        self.progress = 0.0  # epochs done, fractional
+        self.optimizer = make_optimizer(self.model.parameters(), ctx.cfg, self.base_lr)
+        self.scaler = ctx.grad_scaler()
+
+    def set_lr(self) -> float:
+        o = self.ctx.cfg.optim
+        lr = self.base_lr * lr_factor(self.progress, self.total_epochs, o.schedule, o.warmup_lr_epochs)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def train_epoch(
+        self,
+        indices: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        strong: torch.Tensor | None = None,
+        loss: str = "ce",
+        weight: str = "max_prob",
+        sample_weights: torch.Tensor | None = None,
+        record: bool = False,
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One pass over ``indices`` (duplicates allowed) with per-row ``targets``.
+
+        Args:
+            indices: ``(M,)`` sample indices into the context's images.
+            targets: ``(M,)`` labels, one per row of ``indices``.
+            strong: ``(M,)`` bool, rows that get the strong (SimCLR) augmentation.
+            loss: ``ce`` or ``weighted_ce`` (softmax-weighted CE, paper 2).
+            weight: the weighted-CE weight, ``max_prob`` or ``target_prob``.
+            sample_weights: ``(M,)`` optional fixed per-row weights (MentorNet).
+            record: also return each row's logits ``(M, C)`` as seen during training.
+        """
+        ctx = self.ctx
+        self.model.train()
+        m = len(indices)
+        bs = ctx.cfg.optim.batch_size
+        smoothing = ctx.cfg.optim.label_smoothing
+        recorded = torch.full((m, ctx.num_classes), float("nan"), device=ctx.device) if record else None
+        rows = torch.arange(m, device=ctx.device)
+        total, count, lr = 0.0, 0, self.base_lr
+        steps = max(1, math.ceil(m / bs))
+        # Drop the final partial batch (BatchNorm statistics of a few samples are noise), except
+        # when every row's logits must be recorded.
+        for batch_rows in ctx.batches(rows, bs, drop_last=m > bs and not record):
+            lr = self.set_lr()
+            x = ctx.augment(indices[batch_rows], None if strong is None else strong[batch_rows])
+            y = targets[batch_rows]
+            with ctx.autocast():
+                logits = self.model(x)
+            logits = logits.float()
+            if loss == "weighted_ce":
+                value = softmax_weighted_ce(logits, y, weight=weight)
+                per = None
+            else:
+                per = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)
+                if sample_weights is not None:
+                    w = sample_weights[batch_rows]
+                    value = (per * w).sum() / w.sum().clamp_min(1.0)
+                else:
+                    value = per.mean()
+            if not torch.isfinite(value):
+                raise FloatingPointError("non-finite loss")
+            self.step(value)
+            if recorded is not None:
+                recorded[batch_rows] = logits.detach()
+            total += float(value.detach()) * len(batch_rows)
+            count += len(batch_rows)
+            self.progress += 1.0 / steps
+        self.progress = round(self.progress)
+        return {"loss": total / max(count, 1), "lr": lr, "samples": count}, recorded
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "progress": self.progress, "total_epochs": self.total_epochs,
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = state["progress"]
+        self.total_epochs = state["total_epochs"]
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_optimizer(params, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov and o.momentum > 0)

@@ -1,0 +1,176 @@
+"""The method of the two papers: SimCLR -> CE warmup -> stage-consensus pseudo-label refinement
+(with strongly augmented copies of the pseudo-labelled samples) -> softmax-weighted CE fine-tune.
+
+Bala, Gupta, Behera, Sethi, "Mitigating Instance-dependent Label Noise: Integrating
+Self-supervised Pretraining with Pseudo-label Refinement" (2024), and Bala, Gupta, Sethi,
+"Softmax-Weighted Pseudo-Label Refinement for Enhancing Robustness to Label Noise" (MIDL 2025).
+
+Schedule (defaults from the papers): ``ssl`` 30 epochs, ``warmup`` 5 epochs, 4 ``refine``
+iterations whose stage epochs are (2, 3, 4) in the first and (2, 5, 7) in later ones, then
+``finetune``. At each stage every training sample is scored on un-augmented images; at the end
+of an iteration the samples selected at every stage get pseudo-labels (``labelrefine.refine``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine import Context, EpochSpec, Supervised
+from ..refine import StageHistory, consensus, select, stage_losses, update_labels
+from . import register
+from .base import Method, SSLInit
+from .ce import iteration_length, stages_of
+
+
+@register
+class Ours(Method):
+    name = "ours"
+    summary = "SimCLR + CE warmup + stage-consensus pseudo-label refinement + softmax-weighted CE fine-tune."
+    paper = "Bala et al. 2024 (arXiv) and MIDL 2025"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        r = self.cfg.refine
+        model = ctx.new_model()
+        self.ssl = SSLInit(ctx, model) if self.cfg.ssl.epochs > 0 else None
+        self.main_epochs = r.warmup_epochs + sum(iteration_length(self.cfg, i) for i in range(1, r.iterations + 1))
+        self.sup = Supervised(ctx, self.main_epochs, model=model)
+        self.finetuner: Supervised | None = None
+        self.all = torch.arange(ctx.n, device=ctx.device)
+        self.labels = self.given.clone()  # current training labels
+        self.copies = torch.zeros(ctx.n, dtype=torch.bool, device=ctx.device)  # get an augmented copy
+        self.history: StageHistory | None = None
+        self.n_stages = torch.zeros(ctx.n, dtype=torch.int64, device=ctx.device)  # over all iterations
+        self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl)
+        self._view: dict[str, torch.Tensor] = {}  # what the last epoch selected, for the oracle
+
+    # -- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> list[EpochSpec]:
+        r, cfg = self.cfg.refine, self.cfg
+        specs = self.ssl.specs() if self.ssl is not None else []
+        specs += [EpochSpec("warmup", 0, e) for e in range(1, r.warmup_epochs + 1)]
+        for it in range(1, r.iterations + 1):
+            specs += [EpochSpec("refine", it, e) for e in range(1, iteration_length(cfg, it) + 1)]
+        specs += [EpochSpec("finetune", 0, e) for e in range(1, cfg.finetune.epochs + 1)]
+        return specs
+
+    def _train_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Indices, targets and strong flags of an epoch: every sample, plus augmented copies."""
+        if not self.cfg.refine.augment_copies or not bool(self.copies.any()):
+            return self.all, self.labels, None
+        extra = self.copies.nonzero().flatten()
+        idx = torch.cat([self.all, extra])
+        strong = torch.cat([torch.zeros(self.ctx.n, dtype=torch.bool, device=self.ctx.device),
+                            torch.ones(len(extra), dtype=torch.bool, device=self.ctx.device)])
+        return idx, self.labels[idx], strong
+
+    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
+        self._view = {}
+        if spec.phase == "ssl":
+            return self.ssl.run_epoch(spec)
+        if spec.phase == "warmup":
+            logs, _ = self.sup.train_epoch(self.all, self.labels)
+            return logs
+        if spec.phase == "refine":
+            return self._refine_epoch(spec)
+        if spec.phase == "finetune":
+            return self._finetune_epoch(spec)
+        raise ValueError(f"unknown phase {spec.phase!r}")
+
+    def _refine_epoch(self, spec: EpochSpec) -> dict[str, float]:
+        r, ctx = self.cfg.refine, self.ctx
+        if spec.epoch == 1:
+            self.history = StageHistory.empty(ctx.n, ctx.num_classes, ctx.device)
+            if spec.iteration > 1 and r.reinit != "none":
+                self._reinit(spec.iteration)
+        idx, targets, strong = self._train_rows()
+        stages = stages_of(self.cfg, spec.iteration)
+        at_stage = spec.epoch in stages
+        record = at_stage and r.stage_loss == "train"
+        logs, recorded = self.sup.train_epoch(idx, targets, strong=strong, loss=r.loss,
+                                              weight=self.cfg.finetune.weight, record=record)
+        if at_stage:
+            # With stage_loss=train the first n rows are the samples themselves, weakly augmented.
+            logits = recorded[: ctx.n] if record else ctx.logits_all(self.sup.model)
+            losses = stage_losses(logits, self.labels, target=r.loss_target)
+            selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
+                              num_classes=ctx.num_classes, quantile=r.quantile)
+            self.history.record(selected, logits)
+            self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
+            logs["stage_selected"] = int(selected.sum())
+            logs["stage_mean_loss"] = float(losses.mean())
+        if spec.epoch == iteration_length(self.cfg, spec.iteration):
+            mask, pseudo = consensus(self.history, require_agreement=r.require_agreement,
+                                     label_source=r.label_source)
+            new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
+            logs["pseudo_labelled"] = int(mask.sum())
+            logs["labels_changed"] = int((new != self.labels).sum())
+            logs["labels_differ_from_given"] = int((new != self.given).sum())
+            self.labels = new
+            self.copies = mask
+            self._view["pseudo_mask"] = mask
+            self.n_stages += self.history.n_selected
+            self.history = None
+        return logs
+
+    def _reinit(self, iteration: int) -> None:
+        """Fresh weights (random, or the SimCLR encoder) and a fresh optimizer for this iteration."""
+        ctx = self.ctx
+        model = ctx.new_model()
+        if self.cfg.refine.reinit == "ssl" and self.init_state is not None:
+            model.load_state_dict(self.init_state)
+        self.sup = Supervised(ctx, iteration_length(self.cfg, iteration), model=model)
+
+    def _finetune_epoch(self, spec: EpochSpec) -> dict[str, float]:
+        f = self.cfg.finetune
+        if self.finetuner is None:
+            self.finetuner = Supervised(self.ctx, f.epochs, model=self.sup.model, lr_scale=f.lr_scale)
+        idx, targets, strong = self._train_rows()
+        logs, _ = self.finetuner.train_epoch(idx, targets, strong=strong, loss=f.loss, weight=f.weight)
+        return logs
+
+    def on_supervised_start(self) -> None:
+        """Remember the initial (SimCLR) weights for ``reinit=ssl``."""
+        if self.cfg.refine.reinit == "ssl" and self.init_state is None:
+            self.init_state = {k: v.detach().clone() for k, v in self.sup.model.state_dict().items()}
+
+    # -- outputs -------------------------------------------------------------------------------
+    def networks(self):
+        return {"model": self.sup.model}
+
+    def training_labels(self) -> torch.Tensor:
+        return self.labels
+
+    def oracle_view(self) -> dict[str, torch.Tensor]:
+        return {"labels": self.labels, **self._view}
+
+    def label_report(self) -> dict[str, torch.Tensor]:
+        """Refined label = the final training label; quality = the final model's p(given label)."""
+        probs = torch.softmax(self.predict_logits(self.ctx.x), dim=1)
+        quality = probs.gather(1, self.given[:, None]).squeeze(1)
+        return {"refined_label": self.labels.clone(), "label_quality": quality,
+                "is_label_issue": self.labels != self.given, "n_stages_selected": self.n_stages.clone()}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "sup": self.sup.state_dict(),
+            "finetuner": None if self.finetuner is None else self.finetuner.state_dict(),
+            "ssl": None if self.ssl is None else self.ssl.state_dict(),
+            "labels": self.labels, "copies": self.copies, "n_stages": self.n_stages,
+            "history": None if self.history is None else self.history.state_dict(),
+            "init_state": self.init_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sup = Supervised(self.ctx, state["sup"]["total_epochs"], model=self.sup.model)
+        self.sup.load_state_dict(state["sup"])
+        if state["finetuner"] is not None:
+            self.finetuner = Supervised(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
+                                        lr_scale=self.cfg.finetune.lr_scale)
+            self.finetuner.load_state_dict(state["finetuner"])
+        if self.ssl is not None and state["ssl"] is not None:
+            self.ssl.load_state_dict(state["ssl"])
+        self.labels, self.copies, self.n_stages = state["labels"], state["copies"], state["n_stages"]
+        self.history = None if state["history"] is None else StageHistory.from_state(state["history"])
+        self.init_state = state["init_state"]

@@ -1,0 +1,394 @@
+"""One run: data -> noise -> validation split -> method schedule -> artifacts.
+
+:func:`run` is what ``labelrefine run`` calls. It owns the epoch loop: it asks the method for its
+schedule, runs each epoch, evaluates after every supervised epoch (noisy-label validation for
+model selection, the test set for reporting only), writes ``metrics.jsonl`` and checkpoints,
+and at the end writes ``labels.csv``, ``summary.json``, ``model.pt`` and the report.
+
+Clean training labels, when the noise was synthetic or a clean column exists, go only to the
+:class:`~labelrefine.evaluation.Oracle`, never to the method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import RunConfig, config_hash, config_to_dict, dump_yaml
+from .data import ImageSet
+from .data.noise import NoiseResult, apply_noise, check_noise_type
+from .engine import Context, EpochSpec, resolve_device
+from .errors import UserError
+from .evaluation import Oracle, accuracy
+from .io import atomic_path, write_csv, write_json, write_text
+from .methods import get_method
+from .progress import progress
+
+log = logging.getLogger("labelrefine")
+
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "labels.csv", "summary.json", "model.pt", "report.html",
+             "checkpoint.pt")
+MODEL_FORMAT = "labelrefine-model-v1"
+CHECKPOINT_FORMAT = "labelrefine-checkpoint-v1"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops and the last good checkpoint is kept."""
+
+
+def default_cache_dir(cfg: RunConfig) -> str:
+    if cfg.data.cache_dir:
+        return cfg.data.cache_dir
+    return os.environ.get("LABELREFINE_CACHE") or str(Path.home() / ".cache" / "labelrefine")
+
+
+def code_version() -> str:
+    """Package version plus the git commit (and ``-dirty``) when run from a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return f"{__version__}+g{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def stratified_sample(labels: torch.Tensor, fraction_or_count: float | int, rng: np.random.Generator,
+                      num_classes: int) -> np.ndarray:
+    """Indices of a class-stratified random sample (sorted).
+
+    An int asks for that many samples in total, a float for that fraction; each class gives
+    its proportional share (largest-remainder rounding, so the total is exact).
+    """
+    y = np.asarray(labels.cpu())
+    n = len(y)
+    total = fraction_or_count if isinstance(fraction_or_count, int) else int(round(fraction_or_count * n))
+    total = min(max(total, 0), n)
+    counts = np.bincount(y, minlength=num_classes)
+    share = counts * (total / max(n, 1))
+    quota = np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - quota), kind="stable")
+    quota[order[: total - int(quota.sum())]] += 1
+    picked = [rng.choice(np.flatnonzero(y == c), size=int(q), replace=False) for c, q in enumerate(quota) if q]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Prepared:
+    """The data of a run after noise and the validation split."""
+
+    name: str
+    classes: list[str]
+    train: ImageSet  # the samples the method trains on; labels are the noisy ones
+    val: ImageSet | None  # held out from the noisy training split; labels are noisy
+    test: ImageSet | None  # the test split with its own labels
+    ssl_images: torch.Tensor  # every training-split image (train + val): SSL uses no labels
+    noise: NoiseResult  # over the whole training split
+    train_clean: torch.Tensor | None  # clean labels of ``train``, for the oracle only
+    given_all: torch.Tensor  # noisy labels of the whole training split
+    clean_all: torch.Tensor | None
+
+
+def prepare_data(cfg: RunConfig, cache_dir: str) -> Prepared:
+    from .data.sources import load_data
+
+    d = cfg.data
+    takes_rate = check_noise_type(d.noise)
+    data = load_data(d.spec, cache_dir=cache_dir)
+    train = data.train
+    if d.train_subset and d.train_subset < len(train):
+        # A fixed subset (seed 0): it is part of the data set's definition, not of the noise or the run.
+        train = train.subset(torch.from_numpy(stratified_sample(train.labels, d.train_subset,
+                                                                np.random.default_rng(0), train.num_classes)))
+    noise = apply_noise(train, d.noise, d.noise_rate if takes_rate else 0.0, seed=d.noise_seed,
+                        pixel_scale=d.pixel_scale)
+    noisy = noise.noisy_labels
+    clean_known = d.noise != "none"
+    val_idx = np.zeros(0, dtype=np.int64)
+    if d.val_fraction > 0:
+        val_idx = stratified_sample(noisy, float(d.val_fraction), np.random.default_rng(d.noise_seed + 1),
+                                    train.num_classes)
+    is_val = np.zeros(len(train), dtype=bool)
+    is_val[val_idx] = True
+    train_idx = torch.from_numpy(np.flatnonzero(~is_val))
+    val = None
+    if len(val_idx):
+        val = train.subset(torch.from_numpy(val_idx))
+        val.labels = noisy[torch.from_numpy(val_idx)].clone()
+    tr = train.subset(train_idx)
+    tr.labels = noisy[train_idx].clone()
+    if len(tr) == 0:
+        raise UserError(f"data {d.spec!r}: no training samples left after the validation split")
+    test = data.test
+    if test is not None and d.test_subset and d.test_subset < len(test):
+        test = test.subset(torch.from_numpy(stratified_sample(test.labels, d.test_subset,
+                                                              np.random.default_rng(0), test.num_classes)))
+    return Prepared(
+        name=data.name, classes=list(train.classes), train=tr, val=val, test=test,
+        ssl_images=train.images, noise=noise,
+        train_clean=train.labels[train_idx].clone() if clean_known else None,
+        given_all=noisy, clean_all=train.labels.clone() if clean_known else None,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state(ctx: Context) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "batches": ctx.generator.get_state()}
+
+
+def _set_rng_state(ctx: Context, state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    ctx.generator.set_state(state["batches"])
+
+
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    existing = [a for a in ARTIFACTS if (out / a).exists()]
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: {out}/checkpoint.pt does not exist")
+        return
+    if existing and not overwrite:
+        raise UserError(f"output directory {out} already holds a run ({existing[0]}); "
+                        f"pass --resume to continue it or --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+
+
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or use --overwrite") \
+            from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not a labelrefine checkpoint")
+    if ckpt.get("config_hash") != config_hash(cfg):
+        raise UserError(f"checkpoint {path} was written with another config (hash {ckpt.get('config_hash')}, "
+                        f"now {config_hash(cfg)}); resume with the same config or use --overwrite")
+    return ckpt
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``cfg.method`` as configured and write every artifact to ``out_dir``.
+
+    Returns the summary dict (also written as ``summary.json``).
+    """
+    out = Path(out_dir)
+    _check_out_dir(out, resume=resume, overwrite=overwrite)
+    ckpt = _load_checkpoint(out / "checkpoint.pt", cfg) if resume else None
+    get_method(cfg.method)  # fail on an unknown method before loading data
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache_dir = default_cache_dir(cfg)
+    t_start = time.perf_counter()
+    prep = prepare_data(cfg, cache_dir)
+    t_data = time.perf_counter() - t_start
+
+    _seed_everything(cfg.seed)
+    ctx = Context(cfg, prep.train.images, prep.train.labels, len(prep.classes), device=device,
+                  ssl_images=prep.ssl_images, cache_dir=cache_dir, noise_rate=cfg.data.noise_rate)
+    method = get_method(cfg.method)(ctx)
+    oracle = Oracle(prep.train_clean, prep.train.labels) if prep.train_clean is not None else None
+
+    if ckpt is not None:
+        schedule = [EpochSpec(**s) for s in ckpt["schedule"]]
+        method.load_state_dict(_to_device(ckpt["method"], device))
+        _set_rng_state(ctx, ckpt["rng"])
+        state = ckpt["engine"]
+        log.info("resuming %s at epoch %d of %d", out, state["done"] + 1, len(schedule))
+    else:
+        if overwrite:
+            for a in ARTIFACTS:
+                (out / a).unlink(missing_ok=True)
+        schedule = method.schedule()
+        state = {"done": 0, "best": None, "phase_seconds": {}, "metrics_lines": 0, "supervised_started": False,
+                 "last_val": None, "last_test": None, "elapsed": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+    metrics_path = out / "metrics.jsonl"
+    _truncate_lines(metrics_path, state["metrics_lines"])
+
+    val_x = prep.val.images.to(device) if prep.val is not None else None
+    test_x = prep.test.images.to(device) if prep.test is not None else None
+    log.info("%s: %s, %d train / %d val / %d test, %s noise %.4f, %d epochs on %s",
+             cfg.method, prep.name, len(prep.train), 0 if prep.val is None else len(prep.val),
+             0 if prep.test is None else len(prep.test), cfg.data.noise, prep.noise.rate, len(schedule), device)
+
+    t_loop = time.perf_counter()
+    elapsed0 = state["elapsed"]
+    for i in progress(range(state["done"], len(schedule)), desc=cfg.method, unit="epoch"):
+        spec = schedule[i]
+        if spec.supervised and not state["supervised_started"]:
+            # Reseed: supervised training must not depend on whether SSL ran or came from the cache.
+            _seed_everything(cfg.seed + 1)
+            ctx.generator.manual_seed(cfg.seed + 1)
+            method.on_supervised_start()
+            state["supervised_started"] = True
+        t0 = time.perf_counter()
+        try:
+            logs = method.run_epoch(spec)
+        except FloatingPointError:
+            raise TrainingDiverged(f"non-finite loss in phase {spec.phase!r}, iteration {spec.iteration}, "
+                                   f"epoch {spec.epoch}; the last good checkpoint is kept in {out}") from None
+        dt = time.perf_counter() - t0
+        state["phase_seconds"][spec.phase] = state["phase_seconds"].get(spec.phase, 0.0) + dt
+        record = {**spec.as_dict(), "global_epoch": i + 1, **logs, "seconds": round(dt, 3)}
+        if spec.supervised:
+            if val_x is not None:
+                record["val_acc"] = accuracy(method.predict_logits(val_x), prep.val.labels.to(device))
+            if test_x is not None:
+                record["test_acc"] = accuracy(method.predict_logits(test_x), prep.test.labels.to(device))
+            state["last_val"], state["last_test"] = record.get("val_acc"), record.get("test_acc")
+            best = state["best"]
+            score = record.get("val_acc", float("-inf"))
+            if best is None or score > best["val_acc"] or val_x is None:
+                state["best"] = {"epoch": i + 1, "val_acc": score, "test_acc": record.get("test_acc"),
+                                 "spec": spec.as_dict(),
+                                 "networks": {k: {n: t.detach().to("cpu", copy=True) for n, t in v.state_dict().items()}
+                                              for k, v in method.networks().items()}}
+        if oracle is not None:
+            record.update(oracle.metrics(method.oracle_view()))
+        _append_line(metrics_path, record)
+        state["metrics_lines"] += 1
+        state["done"] = i + 1
+        state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+        log.info(_epoch_line(record, len(schedule)))
+        every = cfg.checkpoint_every
+        if every and ((i + 1) % every == 0 or i + 1 == len(schedule)):
+            _save_checkpoint(out / "checkpoint.pt", cfg, schedule, method, ctx, state)
+
+    return _finish(cfg, out, prep, ctx, method, state, oracle, t_data)
+
+
+def _epoch_line(r: dict, total: int) -> str:
+    parts = [f"[{r['global_epoch']}/{total}] {r['phase']}"]
+    if r["iteration"]:
+        parts.append(f"it {r['iteration']}")
+    parts.append(f"ep {r['epoch']} loss {r.get('loss', float('nan')):.4f}")
+    for key, label in (("val_acc", "val"), ("test_acc", "test"), ("oracle_label_acc", "label-acc")):
+        if key in r:
+            parts.append(f"{label} {r[key]:.4f}")
+    for key in ("stage_selected", "pseudo_labelled", "labels_changed"):
+        if key in r:
+            parts.append(f"{key.replace('_', '-')} {r[key]}")
+    parts.append(f"{r['seconds']:.1f}s")
+    return " ".join(parts)
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+    write_text(path, "".join(lines))
+
+
+def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context, state: dict) -> None:
+    ckpt = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "config": config_to_dict(cfg),
+            "schedule": [{**s.as_dict(), "supervised": s.supervised} for s in schedule],
+            "method": method.state_dict(), "rng": _rng_state(ctx), "engine": state}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, state: dict,
+            oracle: Oracle | None, t_data: float) -> dict:
+    rep = {k: v.cpu() for k, v in method.label_report().items()}
+    classes = prep.classes
+    given = prep.train.labels
+    rows = []
+    order = torch.argsort(rep["label_quality"], stable=True).tolist()  # suspected errors first
+    for i in order:
+        rows.append([prep.train.ids[i], classes[int(given[i])], classes[int(rep["refined_label"][i])],
+                     f"{float(rep['label_quality'][i]):.6f}", bool(rep["is_label_issue"][i]),
+                     int(rep["n_stages_selected"][i])])
+    write_csv(out / "labels.csv", ["id", "given_label", "refined_label", "label_quality", "is_label_issue",
+                                   "n_stages_selected"], rows)
+
+    best = state["best"]
+    nets = best["networks"] if best is not None else {k: v.state_dict() for k, v in method.networks().items()}
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({
+            "format": MODEL_FORMAT, "method": cfg.method, "backbone": cfg.model.backbone,
+            "width": cfg.model.width, "in_channels": ctx.channels, "image_size": list(ctx.image_size),
+            "num_classes": ctx.num_classes, "classes": classes, "mean": list(ctx.mean), "std": list(ctx.std),
+            "networks": nets, "selected_epoch": None if best is None else best["epoch"],
+            "config": config_to_dict(cfg), "code_version": code_version(),
+        }, tmp)
+
+    summary = {
+        "method": cfg.method, "data": cfg.data.spec, "dataset": prep.name, "seed": cfg.seed,
+        "noise": {"type": cfg.data.noise, "requested_rate": cfg.data.noise_rate if check_noise_type(cfg.data.noise)
+                  else None, "achieved_rate": prep.noise.rate, "seed": cfg.data.noise_seed},
+        "n_train": len(prep.train), "n_val": 0 if prep.val is None else len(prep.val),
+        "n_test": 0 if prep.test is None else len(prep.test),
+        "final_test_acc": state["last_test"], "final_val_acc": state["last_val"],
+        "best_val_acc": None if best is None else best["val_acc"],
+        "best_val_epoch": None if best is None else best["epoch"],
+        "best_val_test_acc": None if best is None else best["test_acc"],
+        "n_label_issues": int(rep["is_label_issue"].sum()),
+        "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
+                    "total_training": round(state["elapsed"], 3)},
+        "config_hash": config_hash(cfg), "code_version": code_version(),
+        "torch": torch.__version__, "device": str(ctx.device),
+    }
+    if oracle is not None:
+        before = float((prep.train.labels == prep.train_clean).double().mean())
+        after = float((rep["refined_label"] == prep.train_clean).double().mean())
+        summary["train_label_acc_before"] = before
+        summary["train_label_acc_after"] = after
+        flagged = rep["is_label_issue"]
+        wrong = prep.train.labels != prep.train_clean
+        summary["issue_precision"] = float((flagged & wrong).sum() / flagged.sum()) if int(flagged.sum()) else None
+        summary["issue_recall"] = float((flagged & wrong).sum() / wrong.sum()) if int(wrong.sum()) else None
+    write_json(out / "summary.json", summary)
+    try:
+        from .report import write_report
+
+        write_report(out, summary, rep, given, classes)
+    except ImportError as e:  # matplotlib missing: the run's results stand without the report
+        log.warning("report skipped: %s", e)
+    return summary
