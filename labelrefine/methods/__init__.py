@@ -33,8 +33,13 @@ def list_methods() -> list[type[Method]]:
 
 
 def _load_all() -> None:
-    # Importing the modules registers their classes.
-    from . import ce, ours  # noqa: F401
+    """Import every module of this package; importing a module registers its methods."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = ["METHODS", "Method", "get_method", "list_methods", "register"]
