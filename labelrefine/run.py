@@ -110,6 +110,9 @@ def prepare_data(cfg: RunConfig, cache_dir: str) -> Prepared:
     takes_rate = check_noise_type(d.noise)
     data = load_data(d.spec, cache_dir=cache_dir)
     train = data.train
+    if data.val is not None:
+        log.info("%s: the data set's own val split (%d samples) is not used: model selection uses a split "
+                 "carved from the noisy training labels (data.val_fraction)", data.name, len(data.val))
     if d.train_subset and d.train_subset < len(train):
         # A fixed subset (seed 0): it is part of the data set's definition, not of the noise or the run.
         train = train.subset(torch.from_numpy(stratified_sample(train.labels, d.train_subset,
