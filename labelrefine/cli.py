@@ -28,13 +28,13 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     from . import progress
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    progress.configure("off" if quiet else "auto")
+    handler = progress.TqdmLoggingHandler() if progress.mode() == "bar" else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("labelrefine")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    progress.configure("off" if quiet else "auto")
 
 
 def _format_matrix(matrix, classes: Sequence[str]) -> str:

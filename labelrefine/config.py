@@ -130,8 +130,12 @@ class DivideMixConfig:
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
-    init: Literal["random", "ssl"] = "random"  # ours_dividemix uses the SimCLR encoder
-    labels: Literal["noisy", "refined"] = "noisy"  # ours_dividemix trains on the refined labels
+    # Initial weights of both nets. auto = the method's default: random for dividemix, ssl for
+    # ours_dividemix. ssl = the SimCLR encoder (each net keeps its own random classifier);
+    # refined = the ours model after refinement (ours_dividemix only).
+    init: Literal["auto", "random", "ssl", "refined"] = "auto"
+    # Training labels. auto = noisy for dividemix, refined for ours_dividemix (refined: ours_dividemix only).
+    labels: Literal["auto", "noisy", "refined"] = "auto"
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .data.augment import channel_stats, make_augment
 from .errors import UserError
 from .losses import softmax_weighted_ce
 from .models import create_backbone
+from .progress import progress
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,8 @@ class Supervised:
         steps = max(1, math.ceil(m / bs))
         # Drop the final partial batch (BatchNorm statistics of a few samples are noise), except
         # when every row's logits must be recorded.
-        for batch_rows in ctx.batches(rows, bs, drop_last=m > bs and not record):
+        batches = ctx.batches(rows, bs, drop_last=m > bs and not record)
+        for batch_rows in progress(batches, total=steps, desc="train", unit="batch", inner=True):
             lr = self.set_lr()
             x = ctx.augment(indices[batch_rows], None if strong is None else strong[batch_rows])
             y = targets[batch_rows]

@@ -28,6 +28,22 @@ _MODE = "log"
 LOG_INTERVAL = 5.0  # seconds between plain progress lines
 
 
+class TqdmLoggingHandler(logging.StreamHandler):
+    """Writes log records above any active tqdm bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging break a run
+            self.handleError(record)
+
+
+def mode() -> str:
+    return _MODE
+
+
 def configure(mode: str = "auto") -> None:
     """Choose how :func:`progress` reports: ``auto``, ``bar``, ``log`` or ``off``."""
     global _MODE
@@ -38,8 +54,13 @@ def configure(mode: str = "auto") -> None:
     _MODE = mode
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
-    """Iterate over ``iterable`` while reporting progress as configured."""
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it",
+             inner: bool = False) -> Iterator[T]:
+    """Iterate over ``iterable`` while reporting progress as configured.
+
+    ``inner`` marks a loop nested in one that already reports (the batches of an epoch): it
+    gets a bar on a terminal but no plain log lines, which would only repeat the outer ones.
+    """
     if total is None:
         try:
             total = len(iterable)  # type: ignore[arg-type]
@@ -50,7 +71,7 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
 
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
         return
-    if _MODE == "off" or not total:
+    if _MODE == "off" or not total or inner:
         yield from iterable
         return
     start = last = time.perf_counter()

@@ -22,6 +22,7 @@ from torch import nn
 from .engine import Context, lr_factor
 from .io import atomic_path
 from .losses import nt_xent
+from .progress import progress
 
 log = logging.getLogger("labelrefine")
 
@@ -123,7 +124,8 @@ class SimCLR:
         n = self.images.shape[0]
         steps = max(1, n // self.batch_size)
         total, count, lr = 0.0, 0, self.base_lr
-        for idx in ctx.batches(torch.arange(n, device=ctx.device), self.batch_size, drop_last=True):
+        batches = ctx.batches(torch.arange(n, device=ctx.device), self.batch_size, drop_last=True)
+        for idx in progress(batches, total=steps, desc="simclr", unit="batch", inner=True):
             lr = self.base_lr * lr_factor(self.progress, s.epochs, "cosine")
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
