@@ -124,11 +124,8 @@ class Context:
 
     # -- models ----------------------------------------------------------------------------
     def new_model(self) -> nn.Module:
-        kwargs = {}
-        if self.cfg.model.backbone.startswith("resnet"):
-            kwargs["width"] = self.cfg.model.width
         model = create_backbone(self.cfg.model.backbone, in_channels=self.channels,
-                                num_classes=self.num_classes, **kwargs)
+                                num_classes=self.num_classes, **backbone_kwargs(self.cfg))
         return model.to(self.device, memory_format=self.memory_format)
 
     def autocast(self):
@@ -188,6 +185,11 @@ class Context:
         if not out:
             return torch.zeros(0, self.num_classes, device=self.device)
         return torch.cat(out)
+
+
+def backbone_kwargs(cfg: RunConfig) -> dict:
+    """Constructor options of the configured backbone (``tiny`` keeps its own width)."""
+    return {} if cfg.model.backbone == "tiny" else {"width": cfg.model.width}
 
 
 def lr_factor(progress: float, total: float, schedule: str, warmup: float = 0.0) -> float:

@@ -27,18 +27,18 @@ from . import __version__
 from .config import RunConfig, config_hash, config_to_dict, dump_yaml
 from .data import ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
-from .engine import Context, EpochSpec, resolve_device
+from .engine import Context, EpochSpec, backbone_kwargs, resolve_device
 from .errors import UserError
 from .evaluation import Oracle, accuracy
 from .io import atomic_path, write_csv, write_json, write_text
 from .methods import get_method
+from .predict import MODEL_FORMAT
 from .progress import progress
 
 log = logging.getLogger("labelrefine")
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "labels.csv", "summary.json", "model.pt", "report.html",
              "checkpoint.pt")
-MODEL_FORMAT = "labelrefine-model-v1"
 CHECKPOINT_FORMAT = "labelrefine-checkpoint-v1"
 
 
@@ -356,7 +356,7 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
     with atomic_path(out / "model.pt") as tmp:
         torch.save({
             "format": MODEL_FORMAT, "method": cfg.method, "backbone": cfg.model.backbone,
-            "width": cfg.model.width, "in_channels": ctx.channels, "image_size": list(ctx.image_size),
+            "backbone_kwargs": backbone_kwargs(cfg), "in_channels": ctx.channels, "image_size": list(ctx.image_size),
             "num_classes": ctx.num_classes, "classes": classes, "mean": list(ctx.mean), "std": list(ctx.std),
             "networks": nets, "selected_epoch": None if best is None else best["epoch"],
             "config": config_to_dict(cfg), "code_version": code_version(),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import Context, lr_factor
+from .engine import Context, backbone_kwargs, lr_factor
 from .io import atomic_path
 from .losses import nt_xent
 from .progress import progress
@@ -55,7 +55,7 @@ def encoder_cache_key(ctx: Context) -> str:
         "version": CACHE_VERSION,
         "images": images_fingerprint(ctx.ssl_images),
         "backbone": cfg.model.backbone,
-        "width": cfg.model.width if cfg.model.backbone.startswith("resnet") else None,
+        "backbone_kwargs": backbone_kwargs(cfg),
         "ssl": ssl,
         "flip": cfg.flip,
         "seed": cfg.seed,

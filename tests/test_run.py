@@ -74,6 +74,25 @@ def test_ours_refines_and_reports_stages(tiny_config, tmp_path):
     assert summary["n_label_issues"] == sum(r["is_label_issue"] == "True" for r in rows)
 
 
+def test_model_pt_loads_without_training_code(tiny_config, tmp_path):
+    """model.pt holds the best-noisy-val weights: its test accuracy is the one the summary reports."""
+    from labelrefine.predict import load_model
+    from labelrefine.run import default_cache_dir, prepare_data
+
+    cfg = tiny_config("method=ce", "epochs=2")
+    summary = run(cfg, tmp_path / "out")
+    predictor = load_model(tmp_path / "out" / "model.pt")
+    test = prepare_data(cfg, default_cache_dir(cfg)).test
+    acc = float((predictor.predict_proba(test.images).argmax(1) == test.labels).double().mean())
+    assert acc == pytest.approx(summary["best_val_test_acc"], abs=1e-12)
+    assert predictor.classes == [str(i) for i in range(10)]
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unreadable"):
+        load_model(tmp_path / "junk.pt")
+
+
 def test_refuses_existing_run_without_flag(tiny_config, tmp_path):
     cfg = tiny_config("method=ce", "epochs=1")
     run(cfg, tmp_path / "out")

@@ -1,0 +1,472 @@
+"""DivideMix: learning with noisy labels as semi-supervised learning (Li, Socher, Hoi, ICLR 2020).
+
+Two networks. After a CE warmup, every epoch:
+
+1. **Co-divide.** Each net scores every training sample (per-sample CE against its training
+   label, un-augmented, eval mode), the losses are min-max normalised and a 2-component GMM is
+   fitted to them; a sample's clean probability is the posterior of the low-mean component.
+   Net A's probabilities split the data for net B and vice versa (``p > p_threshold`` =
+   labelled), so a net never selects its own training data (no confirmation bias).
+2. **MixMatch with co-refinement and co-guessing**, per step, one labelled and one unlabelled
+   batch of ``optim.batch_size`` each, two weak augmentations of each:
+
+   * labelled targets: ``sharpen(w·y + (1 − w)·p̄, T)`` with ``w`` the clean probability from
+     the other net and ``p̄`` the training net's mean softmax over the two augmentations;
+   * unlabelled targets: ``sharpen`` of the mean of four softmaxes (2 nets × 2 augmentations);
+   * mixup of the whole concatenated batch, ``λ ~ Beta(α, α)``, ``λ = max(λ, 1 − λ)``;
+   * loss = soft-CE (labelled) + ``λu``·MSE (unlabelled) + ``KL(uniform ‖ mean prediction)``.
+
+The test prediction is the sum of both nets' logits (:meth:`Method.predict_logits`).
+
+Everything is batched on the device; the GMM (scikit-learn, a few hundred microseconds per
+thousand samples) is the only step on the CPU.
+
+:class:`DivideMix` takes its initial weights and training labels as arguments, so ``ours_dividemix``
+(``labelrefine.methods.ours_dividemix``) reuses it unchanged on the refined labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import Context, EpochSpec, Supervised
+from ..errors import UserError
+from ..losses import mixup, sharpen, soft_ce
+from ..progress import progress
+from . import register
+from .base import Method, SSLInit
+from .ce import supervised_budget
+
+log = logging.getLogger("labelrefine")
+
+__all__ = [
+    "DivideMix",
+    "co_divide",
+    "co_guess",
+    "co_refine",
+    "default_lambda_u",
+    "dividemix_specs",
+    "encoder_weights",
+    "gmm_clean_prob",
+    "lambda_u_at",
+    "neg_entropy",
+    "uniform_prior_penalty",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces (unit-tested in tests/test_dividemix.py)
+
+
+def gmm_clean_prob(
+    losses: torch.Tensor,
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-2,
+    reg_covar: float = 5e-4,
+    random_state: int = 0,
+) -> torch.Tensor:
+    """Clean probability of each sample from a 2-component GMM on its loss (DivideMix's co-divide).
+
+    The losses are min-max normalised to [0, 1], a 1-D two-component Gaussian mixture is fitted
+    (scikit-learn, the reference's settings ``max_iter=10, tol=1e-2, reg_covar=5e-4``) and the
+    clean probability is the posterior of the component with the lower mean.
+
+    Degenerate inputs label everything clean (probability 1): fewer than two samples, or all
+    losses equal (nothing to separate), or a fit that produced non-finite posteriors.
+
+    Args:
+        losses: ``(N,)`` per-sample losses (any float dtype and device); must be finite.
+        random_state: seed of the GMM's k-means initialisation.
+
+    Returns:
+        ``(N,)`` float32 on ``losses.device``, in [0, 1].
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    n = losses.numel()
+    ones = torch.ones(n, dtype=torch.float32, device=losses.device)
+    x = losses.detach().to("cpu", torch.float64).flatten()
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("non-finite per-sample loss")
+    if n < 2:
+        return ones
+    lo, hi = float(x.min()), float(x.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return ones
+    x = ((x - lo) / (hi - lo)).numpy().reshape(-1, 1)
+    gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
+                          random_state=random_state)
+    with warnings.catch_warnings():
+        # 10 EM iterations often stop short of tol: the reference accepts that, so do we.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(x)
+    prob = gmm.predict_proba(x)[:, int(np.argmin(gmm.means_.ravel()))]
+    if not np.isfinite(prob).all():
+        return ones
+    return torch.from_numpy(np.clip(prob, 0.0, 1.0)).to(losses.device, torch.float32)
+
+
+def co_divide(prob: torch.Tensor, threshold: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The data split each net trains on: net ``k`` uses the *other* net's clean probabilities.
+
+    Args:
+        prob: ``(2, N)``; row ``j`` is net ``j``'s GMM clean probability (from net ``j``'s losses).
+        threshold: ``p > threshold`` puts a sample in the labelled set.
+
+    Returns:
+        ``[(labelled, w), (labelled, w)]`` indexed by the net that *trains*: entry ``k`` is
+        ``(prob[1 - k] > threshold, prob[1 - k])``. So net 1's losses divide the data for net 2
+        and net 2's for net 1, as in Li et al. (Algorithm 1: "co-divide").
+    """
+    if prob.dim() != 2 or prob.shape[0] != 2:
+        raise ValueError(f"co_divide: prob must be (2, N), got {tuple(prob.shape)}")
+    return [(prob[1 - k] > threshold, prob[1 - k]) for k in (0, 1)]
+
+
+def co_refine(onehot: torch.Tensor, w: torch.Tensor, probs: list[torch.Tensor], T: float) -> torch.Tensor:
+    """Label co-refinement of labelled samples (Li et al., eq. 3-4).
+
+    ``sharpen(w·y + (1 − w)·mean(probs), T)``.
+
+    Args:
+        onehot: ``(B, K)`` one-hot training labels ``y``.
+        w: ``(B,)`` clean probabilities (from the other net's GMM).
+        probs: softmax outputs ``(B, K)`` of the training net, one per augmentation.
+        T: sharpening temperature (0.5).
+    """
+    p = torch.stack(probs).mean(0)
+    w = w.to(p.dtype)[:, None]
+    return sharpen(w * onehot + (1.0 - w) * p, T)
+
+
+def co_guess(probs: list[torch.Tensor], T: float) -> torch.Tensor:
+    """Label co-guessing of unlabelled samples: ``sharpen(mean(probs), T)`` over both nets and both
+    augmentations (Li et al., Section 3.3). ``probs``: softmax outputs, each ``(B, K)``."""
+    return sharpen(torch.stack(probs).mean(0), T)
+
+
+def uniform_prior_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """``Σ_k π_k log(π_k / p̄_k)`` with uniform ``π`` and ``p̄`` the batch-mean softmax
+    (Li et al., eq. 12; Tanaka et al., CVPR 2018): keeps the nets from predicting one class."""
+    k = logits.shape[1]
+    mean = F.softmax(logits.float(), dim=1).mean(0)
+    return (math.log(1.0 / k) - mean.clamp_min(1e-12).log()).mean()
+
+
+def neg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean ``Σ_k p_k log p_k`` (the negative entropy): the reference adds it to the warmup CE under
+    asymmetric noise, penalising confident predictions."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return (logp.exp() * logp).sum(1).mean()
+
+
+def default_lambda_u(noise_rate: float, noise: str = "symmetric") -> float:
+    """The unlabelled-loss weight λu when ``dividemix.lambda_u = -1``, from the (requested) noise.
+
+    Li et al. tune λu per noise level from {0, 25, 50, 150} (0 at 20%, 25 at 50%, 150 at 90%
+    symmetric; 0 for 40% asymmetric). Between those calibrated rates we switch at the midpoints:
+
+    * pair-flip (asymmetric) noise: 0;
+    * rate < 0.35: 0;
+    * 0.35 <= rate < 0.7: 25;
+    * rate >= 0.7: 150.
+    """
+    if noise == "pairflip":
+        return 0.0
+    if noise_rate < 0.35:
+        return 0.0
+    if noise_rate < 0.7:
+        return 25.0
+    return 150.0
+
+
+def lambda_u_at(lambda_max: float, epochs_since_warmup: float, rampup_epochs: float) -> float:
+    """λu after ``epochs_since_warmup`` (fractional) epochs of MixMatch training: a linear ramp
+    from 0 to ``lambda_max`` over ``rampup_epochs`` (reference: 16), constant after."""
+    if rampup_epochs <= 0:
+        return float(lambda_max)
+    return float(lambda_max) * min(max(epochs_since_warmup / rampup_epochs, 0.0), 1.0)
+
+
+def dividemix_specs(cfg, phases: tuple[str, str] = ("warmup", "train")) -> list[EpochSpec]:
+    """DivideMix's schedule: ``dividemix.warmup_epochs`` CE epochs, then MixMatch epochs up to
+    :func:`supervised_budget` in total, and at least one MixMatch epoch."""
+    warm = cfg.dividemix.warmup_epochs
+    train = max(1, supervised_budget(cfg) - warm)
+    return ([EpochSpec(phases[0], 0, e) for e in range(1, warm + 1)]
+            + [EpochSpec(phases[1], 0, e) for e in range(1, train + 1)])
+
+
+def encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every weight except the classifier ``fc`` (what SimCLR trains)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def _load_init(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``; it may leave out the classifier (an encoder) but nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise ValueError(f"initial weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _cycled_batches(indices: torch.Tensor, steps: int, batch_size: int, ctx: Context) -> torch.Tensor:
+    """``(steps, batch_size)`` indices drawn from ``indices`` by concatenated random permutations:
+    the reference's unlabelled loader, restarted with a fresh shuffle whenever it runs out."""
+    need = steps * batch_size
+    rounds = math.ceil(need / len(indices))
+    stream = torch.cat([indices[ctx.permutation(len(indices))] for _ in range(rounds)])
+    return stream[:need].view(steps, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+
+
+@register
+class DivideMix(Method):
+    """Two nets, GMM co-divide, MixMatch with co-refinement and co-guessing (Li et al., ICLR 2020).
+
+    Args:
+        ctx: the run context.
+        init_state: initial weights for both nets; it may omit the classifier ``fc.*`` (an encoder:
+            each net then keeps its own random classifier). ``None``: random, or SimCLR
+            pretraining as this method's first phase when ``ssl`` says so.
+        labels: ``(N,)`` training labels (default: the given noisy labels).
+        phases: names of the warmup and MixMatch phases in the schedule.
+        ssl: run SimCLR pretraining first (net 1 is pretrained, net 2 copies its encoder).
+            ``None`` = as configured (``dividemix.init``), and then ``dividemix.init`` /
+            ``dividemix.labels`` must not ask for ``refined`` (that is ``ours_dividemix``).
+    """
+
+    name = "dividemix"
+    summary = "Two nets; GMM loss split of each net trains the other; MixMatch with co-refinement/co-guessing."
+    paper = "Li, Socher, Hoi, ICLR 2020"
+
+    def __init__(self, ctx: Context, *, init_state: dict[str, torch.Tensor] | None = None,
+                 labels: torch.Tensor | None = None, phases: tuple[str, str] = ("warmup", "train"),
+                 ssl: bool | None = None):
+        super().__init__(ctx)
+        d = self.cfg.dividemix
+        if ssl is None:
+            for key, value in (("init", d.init), ("labels", d.labels)):
+                if value == "refined":
+                    raise UserError(f"config key 'dividemix.{key}': 'refined' needs method=ours_dividemix")
+            ssl = d.init == "ssl"
+            if ssl and self.cfg.ssl.epochs == 0:
+                log.warning("dividemix.init=ssl but ssl.epochs=0: the nets start from random weights")
+                ssl = False
+        self.phases = phases
+        self.labels = (self.given if labels is None else labels).to(ctx.device).clone()
+        self.specs = dividemix_specs(self.cfg, phases)
+        self.warmup_epochs = d.warmup_epochs
+        nets = [ctx.new_model(), ctx.new_model()]
+        if init_state is not None:
+            for net in nets:
+                _load_init(net, init_state)
+        self.ssl = SSLInit(ctx, nets[0]) if ssl else None
+        self.sups = [Supervised(ctx, len(self.specs), model=net) for net in nets]
+        self.lambda_max = d.lambda_u if d.lambda_u >= 0 else default_lambda_u(ctx.noise_rate, self.cfg.data.noise)
+        # The reference adds a confidence penalty to the warmup CE under asymmetric noise only.
+        self.warmup_penalty = self.cfg.data.noise == "pairflip"
+        self.train_done = 0  # MixMatch epochs finished (the λu ramp and the GMM seed)
+        self.prob: torch.Tensor | None = None  # (2, N) last GMM clean probabilities, row = scoring net
+        log.info("dividemix: lambda_u %.1f, %d warmup + %d MixMatch epochs", self.lambda_max,
+                 self.warmup_epochs, len(self.specs) - self.warmup_epochs)
+
+    # -- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> list[EpochSpec]:
+        return (self.ssl.specs() if self.ssl is not None else []) + list(self.specs)
+
+    def on_supervised_start(self) -> None:
+        """After SimCLR: net 2 gets net 1's pretrained encoder (its classifier stays its own)."""
+        if self.ssl is not None:
+            _load_init(self.sups[1].model, encoder_weights(self.sups[0].model))
+
+    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
+        if spec.phase == "ssl" and self.ssl is not None:
+            return self.ssl.run_epoch(spec)
+        if spec.phase == self.phases[0]:
+            return self._warmup_epoch()
+        if spec.phase == self.phases[1]:
+            return self._train_epoch()
+        raise ValueError(f"unknown phase {spec.phase!r}")
+
+    # -- warmup --------------------------------------------------------------------------------
+    def _warmup_epoch(self) -> dict[str, float]:
+        """CE on the training labels, each net over the whole set with its own shuffle."""
+        ctx = self.ctx
+        bs = ctx.cfg.optim.batch_size
+        rows = torch.arange(ctx.n, device=ctx.device)
+        logs: dict[str, float] = {}
+        for k, sup in enumerate(self.sups):
+            sup.model.train()
+            steps = max(1, ctx.n // bs) if ctx.n > bs else 1
+            total, count, lr = 0.0, 0, sup.base_lr
+            batches = ctx.batches(rows, bs, drop_last=ctx.n > bs)
+            for idx in progress(batches, total=steps, desc=f"warmup net{k + 1}", unit="batch", inner=True):
+                lr = sup.set_lr()
+                x = ctx.augment(idx)
+                with ctx.autocast():
+                    logits = sup.model(x)
+                logits = logits.float()
+                loss = F.cross_entropy(logits, self.labels[idx])
+                if self.warmup_penalty:
+                    loss = loss + neg_entropy(logits)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("non-finite loss")
+                sup.step(loss)
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+                sup.progress += 1.0 / steps
+            sup.progress = round(sup.progress)
+            logs[f"loss_net{k + 1}"] = total / max(count, 1)
+            logs["lr"] = lr
+        logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
+        return logs
+
+    # -- co-divide -----------------------------------------------------------------------------
+    def clean_probs(self) -> torch.Tensor:
+        """``(2, N)`` GMM clean probabilities of both nets on the current training labels.
+
+        Row ``j`` comes from net ``j``'s own per-sample losses; :func:`co_divide` hands it to the
+        other net. The GMM seed derives from the run seed, the MixMatch epoch and the net.
+        """
+        d, ctx = self.cfg.dividemix, self.ctx
+        out = []
+        for j, sup in enumerate(self.sups):
+            logits = ctx.logits_all(sup.model)
+            losses = F.cross_entropy(logits, self.labels, reduction="none")
+            seed = int(np.random.SeedSequence([self.cfg.seed, self.train_done, j]).generate_state(1)[0])
+            out.append(gmm_clean_prob(losses, max_iter=d.gmm_max_iter, tol=d.gmm_tol, reg_covar=d.gmm_reg_covar,
+                                      random_state=seed))
+        return torch.stack(out)
+
+    # -- MixMatch ------------------------------------------------------------------------------
+    def _train_epoch(self) -> dict[str, float]:
+        # Both splits come from the nets as they are before either trains this epoch (reference).
+        self.prob = self.clean_probs()
+        logs: dict[str, float] = {}
+        for k, (labelled, w) in enumerate(co_divide(self.prob, self.cfg.dividemix.p_threshold)):
+            # Net k+1 trains on the split made by the *other* net's GMM.
+            part = self._mixmatch_epoch(k, labelled, w)
+            logs.update({f"{key}_net{k + 1}": v for key, v in part.items() if key != "lr"})
+            logs["lr"] = part["lr"]
+        logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
+        self.train_done += 1
+        logs["lambda_u"] = lambda_u_at(self.lambda_max, self.train_done, self.cfg.dividemix.rampup_epochs)
+        logs["labelled_mean_prob"] = float(self.prob.mean())
+        return logs
+
+    def _mixmatch_epoch(self, k: int, labelled: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
+        """One epoch of net ``k`` on the split ``labelled`` with clean probabilities ``w`` ``(N,)``.
+
+        The epoch runs over the labelled set once (the last batch may be partial); the unlabelled
+        set is cycled with fresh shuffles, ``batch_size`` per step. An empty labelled set makes the
+        epoch one pass over the unlabelled set (unlabelled loss and prior penalty only); an empty
+        unlabelled set leaves the labelled loss and the penalty.
+        """
+        ctx, d = self.ctx, self.cfg.dividemix
+        sup, other = self.sups[k], self.sups[1 - k].model
+        net = sup.model
+        bs, T, C = ctx.cfg.optim.batch_size, d.temperature, ctx.num_classes
+        lab = labelled.nonzero().flatten()
+        unl = (~labelled).nonzero().flatten()
+        steps = math.ceil(len(lab) / bs) if len(lab) else math.ceil(len(unl) / bs)
+        lab_batches = list(ctx.batches(lab, bs)) if len(lab) else [lab[:0]] * steps
+        unl_batches = _cycled_batches(unl, steps, bs, ctx) if len(unl) else unl[:0].expand(steps, 0)
+        net.train()
+        other.eval()  # the other net only guesses (co-guessing), in inference mode as in the reference
+        sums = {"loss": 0.0, "lx": 0.0, "lu": 0.0, "penalty": 0.0}
+        lr, lam_u = sup.base_lr, 0.0
+        for step in progress(range(steps), total=steps, desc=f"dividemix net{k + 1}", unit="batch", inner=True):
+            lr = sup.set_lr()
+            lam_u = lambda_u_at(self.lambda_max, self.train_done + step / steps, d.rampup_epochs)
+            lb, ub = lab_batches[step], unl_batches[step]
+            nl, nu = len(lb), len(ub)
+            # Two weak augmentations per sample, drawn in one call: rows [u1; u2; x1; x2].
+            views = ctx.augment(torch.cat([ub, ub, lb, lb]))
+            with torch.no_grad():
+                with ctx.autocast():
+                    # The training net guesses in train mode (as the reference and MixMatch do).
+                    p_self = F.softmax(net(views).float(), dim=1)
+                    p_other = F.softmax(other(views[: 2 * nu]).float(), dim=1) if nu else None
+                parts = []  # targets in the order [x1; x2; u1; u2]
+                if nl:
+                    onehot = F.one_hot(self.labels[lb], C).float()
+                    tx = co_refine(onehot, w[lb], [p_self[2 * nu:2 * nu + nl], p_self[2 * nu + nl:]], T)
+                    parts += [tx, tx]
+                if nu:
+                    tu = co_guess([p_self[:nu], p_self[nu:2 * nu], p_other[:nu], p_other[nu:]], T)
+                    parts += [tu, tu]
+                inputs = torch.cat([views[2 * nu:], views[: 2 * nu]])
+                all_t = torch.cat(parts)
+            mixed_x, mixed_t, _ = mixup(inputs, all_t, d.alpha, generator=ctx.generator)
+            with ctx.autocast():
+                logits = net(mixed_x.contiguous(memory_format=ctx.memory_format))
+            logits = logits.float()
+            zero = logits.new_zeros(())
+            lx = soft_ce(logits[: 2 * nl], mixed_t[: 2 * nl]) if nl else zero
+            lu = ((F.softmax(logits[2 * nl:], dim=1) - mixed_t[2 * nl:]) ** 2).mean() if nu else zero
+            penalty = uniform_prior_penalty(logits)
+            loss = lx + lam_u * lu + penalty
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            sup.step(loss)
+            for key, v in (("loss", loss), ("lx", lx), ("lu", lu), ("penalty", penalty)):
+                sums[key] += float(v.detach())
+            sup.progress += 1.0 / steps
+        sup.progress = round(sup.progress)
+        out = {key: v / max(steps, 1) for key, v in sums.items()}
+        out.update(lr=lr, labelled=int(len(lab)), steps=steps)
+        return out
+
+    # -- outputs -------------------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        return {"net1": self.sups[0].model, "net2": self.sups[1].model}
+
+    def training_labels(self) -> torch.Tensor:
+        return self.labels
+
+    def oracle_view(self) -> dict[str, torch.Tensor]:
+        """``labels``, and after a MixMatch epoch the labelled set (mean clean probability above
+        ``p_threshold``) as ``stage_selected``: the oracle then reports its precision and recall."""
+        view = {"labels": self.labels}
+        if self.prob is not None:
+            view.update(stage_selected=self.prob.mean(0) > self.cfg.dividemix.p_threshold,
+                        stage_labels=self.labels)
+        return view
+
+    def label_report(self) -> dict[str, torch.Tensor]:
+        """Quality = the last GMM clean probability of the training label, averaged over the two
+        nets; refined label = argmax of the summed logits; an issue when quality < p_threshold."""
+        prob = self.prob if self.prob is not None else self.clean_probs()
+        quality = prob.mean(0).clamp(0.0, 1.0)
+        refined = self.predict_logits(self.ctx.x).argmax(1)
+        return {"refined_label": refined, "label_quality": quality,
+                "is_label_issue": quality < self.cfg.dividemix.p_threshold,
+                "n_stages_selected": torch.zeros_like(self.given)}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"sups": [s.state_dict() for s in self.sups], "labels": self.labels, "prob": self.prob,
+                "train_done": self.train_done, "lambda_max": self.lambda_max,
+                "ssl": None if self.ssl is None else self.ssl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for sup, s in zip(self.sups, state["sups"]):
+            sup.load_state_dict(s)
+        self.labels = state["labels"].to(self.ctx.device)
+        self.prob = None if state["prob"] is None else state["prob"].to(self.ctx.device)
+        self.train_done = state["train_done"]
+        self.lambda_max = state["lambda_max"]
+        if self.ssl is not None and state["ssl"] is not None:
+            self.ssl.load_state_dict(state["ssl"])
