@@ -125,8 +125,8 @@ class DivideMixConfig:
     p_threshold: float = 0.5  # GMM clean-probability threshold
     temperature: float = 0.5  # sharpening temperature T
     alpha: float = 4.0  # mixup Beta(alpha, alpha)
-    lambda_u: float = -1.0  # unlabelled loss weight; -1 = by noise rate (0 at <=20%, 25 at 50%, 150 at 90%)
-    rampup_epochs: int = 16  # lambda_u linear ramp-up length
+    lambda_u: float = -1.0  # unlabelled-loss weight; -1 = by noise rate: 0 under 0.35, 25 under 0.7, else 150
+    rampup_epochs: int = 16  # lambda_u linear ramp-up length, in epochs after the warmup (Li et al.: 16)
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4

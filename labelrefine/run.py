@@ -172,8 +172,8 @@ def _set_rng_state(ctx: Context, state: dict) -> None:
 def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     existing = [a for a in ARTIFACTS if (out / a).exists()]
     if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise UserError(f"--resume: {out}/checkpoint.pt does not exist")
+        if not (out / "checkpoint.pt").is_file() and not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {out} holds no run to resume (no checkpoint.pt)")
         return
     if existing and not overwrite:
         raise UserError(f"output directory {out} already holds a run ({existing[0]}); "
@@ -213,7 +213,15 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     """
     out = Path(out_dir)
     _check_out_dir(out, resume=resume, overwrite=overwrite)
-    ckpt = _load_checkpoint(out / "checkpoint.pt", cfg) if resume else None
+    ckpt = None
+    if resume and (out / "checkpoint.pt").is_file():
+        ckpt = _load_checkpoint(out / "checkpoint.pt", cfg)
+    elif resume:
+        # Stopped before its first checkpoint: start again, but only with the same config.
+        if (out / "config.yaml").read_text(encoding="utf-8") != dump_yaml(cfg):
+            raise UserError(f"--resume: {out}/config.yaml differs from this config; resume with the same config "
+                            f"or use --overwrite")
+        log.warning("%s has no checkpoint yet: starting from the first epoch", out)
     get_method(cfg.method)  # fail on an unknown method before loading data
     device = resolve_device(cfg.device)
     if cfg.threads:

@@ -363,7 +363,7 @@ class DivideMix(Method):
         logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
         self.train_done += 1
         logs["lambda_u"] = lambda_u_at(self.lambda_max, self.train_done, self.cfg.dividemix.rampup_epochs)
-        logs["labelled_mean_prob"] = float(self.prob.mean())
+        logs["clean_prob_mean"] = float(self.prob.mean())
         return logs
 
     def _mixmatch_epoch(self, k: int, labelled: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
@@ -462,7 +462,7 @@ class DivideMix(Method):
                 "ssl": None if self.ssl is None else self.ssl.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for sup, s in zip(self.sups, state["sups"]):
+        for sup, s in zip(self.sups, state["sups"], strict=True):
             sup.load_state_dict(s)
         self.labels = state["labels"].to(self.ctx.device)
         self.prob = None if state["prob"] is None else state["prob"].to(self.ctx.device)

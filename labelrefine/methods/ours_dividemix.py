@@ -36,7 +36,7 @@ log = logging.getLogger("labelrefine")
 @register
 class OursDivideMix(Method):
     name = "ours_dividemix"
-    summary = "SimCLR + warmup + stage-consensus refinement, then DivideMix from the SimCLR encoder on the refined labels."
+    summary = "SimCLR + warmup + stage-consensus refinement, then DivideMix (SimCLR init) on the refined labels."
     paper = "Bala et al. 2024 (arXiv), 'Our Method (with DivideMix)'; Li et al., ICLR 2020"
     PHASES = ("dm_warmup", "dm_train")
 

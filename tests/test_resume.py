@@ -1,0 +1,72 @@
+"""Resume from a checkpoint gives the same result as an uninterrupted run (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labelrefine.errors import UserError
+from labelrefine.methods import get_method
+from labelrefine.run import run
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch, method: str, at_epoch: int) -> None:
+    """Make the method raise when it reaches its ``at_epoch``-th epoch (1-based)."""
+    cls = get_method(method)
+    original = cls.run_epoch
+    calls = {"n": 0}
+
+    def run_epoch(self, spec):
+        calls["n"] += 1
+        if calls["n"] == at_epoch:
+            raise _Stop
+        return original(self, spec)
+
+    monkeypatch.setattr(cls, "run_epoch", run_epoch)
+
+
+def _summary(out):
+    s = json.loads((out / "summary.json").read_text())
+    for volatile in ("seconds", "code_version"):
+        s.pop(volatile)
+    return s
+
+
+# ours' schedule here: ssl 1-2, warmup 3, refine it 1: 4-5 (stages 1, 2), it 2: 6-7, finetune 8.
+# Stop before any checkpoint (1), mid-SSL (2), between warmup and refinement (4), between two
+# stages of an iteration (5), right after a consensus (6), at the fine-tune (8).
+@pytest.mark.parametrize(("method", "at"), [("ours", 1), ("ours", 2), ("ours", 4), ("ours", 5), ("ours", 6),
+                                            ("ours", 8), ("ce", 2)])
+def test_resume_equals_uninterrupted(method, at, tiny_config, tmp_path, monkeypatch):
+    # No SSL cache: the interrupted run must pretrain again, as the full one did.
+    cfg = tiny_config(f"method={method}", "refine.loss_target=prediction", "ssl.epochs=2", "ssl.cache=false")
+    run(cfg, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, method, at)
+        with pytest.raises(_Stop):
+            run(cfg, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    run(cfg, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "labels.csv").read_bytes() == (tmp_path / "full" / "labels.csv").read_bytes()
+    assert _summary(tmp_path / "cut") == _summary(tmp_path / "full")
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    for record in full + cut:
+        record.pop("seconds")
+    assert cut == full
+
+
+def test_resume_refuses_other_config(tiny_config, tmp_path):
+    run(tiny_config("method=ce", "epochs=1"), tmp_path / "out")
+    with pytest.raises(UserError, match="another config"):
+        run(tiny_config("method=ce", "epochs=2"), tmp_path / "out", resume=True)
+
+
+def test_resume_without_checkpoint(tiny_config, tmp_path):
+    with pytest.raises(UserError, match="no run to resume"):
+        run(tiny_config("method=ce"), tmp_path / "empty", resume=True)
