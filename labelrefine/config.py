@@ -204,6 +204,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key {key!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)

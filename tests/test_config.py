@@ -21,6 +21,13 @@ def test_defaults_and_overrides():
     assert cfg.data.noise == "column:worse"
     assert cfg.ssl.cache is False
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as a string
+
+
+def test_yaml_exponent_without_dot(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 2e-2\n")
+    assert load_config(path).optim.lr == 0.02
 
 
 @pytest.mark.parametrize(
