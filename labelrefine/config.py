@@ -81,7 +81,9 @@ class RefineConfig:
     threshold: float = 1.0  # per-sample CE below this selects the sample at a stage (papers: 1.0)
     threshold_mode: Literal["fixed", "class_quantile"] = "fixed"  # class_quantile: per-class loss quantile
     quantile: float = 0.5  # class_quantile: fraction of each (current) class selected at a stage
-    loss_target: Literal["label", "prediction"] = "label"  # CE against the current label or the model's argmax
+    # Stage CE against the model's argmax (corrects labels) or the current label (only selects);
+    # the default is measured in docs/refine-options.md.
+    loss_target: Literal["prediction", "label"] = "prediction"
     require_agreement: bool = True  # also require the same predicted class at every stage
     label_source: Literal["last", "mean"] = "mean"  # pseudo-label: argmax at the last stage or of the stage mean
     keep_previous: bool = True  # unselected samples keep their previous pseudo-label (False: revert to given)
