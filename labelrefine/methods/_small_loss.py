@@ -20,6 +20,7 @@ from torch import nn
 from ..data.noise import check_noise_type
 from ..engine import Context, EpochSpec, Supervised
 from ..errors import UserError
+from ..progress import progress
 from .base import Method
 from .ce import supervised_budget
 
@@ -223,7 +224,8 @@ class SmallLossMethod(Method):
         steps = n // bs if drop_last else 1
         sums: dict[str, float] = {}
         count, lr = 0, 0.0
-        for index in ctx.batches(self.all, bs, drop_last=drop_last):
+        batches = ctx.batches(self.all, bs, drop_last=drop_last)
+        for index in progress(batches, total=steps, desc=self.name, unit="batch", inner=True):
             lr = [t.set_lr() for t in self.trainers][0]
             x = ctx.augment(index)
             with ctx.autocast():
