@@ -211,14 +211,14 @@ class Supervised:
     """
 
     def __init__(self, ctx: Context, total_epochs: float, *, model: nn.Module | None = None,
-                 lr_scale: float = 1.0):
+                 lr_scale: float = 1.0, optimizer: str | None = None, lr: float | None = None):
         self.ctx = ctx
         o = ctx.cfg.optim
         self.model = model if model is not None else ctx.new_model()
         self.total_epochs = float(total_epochs)
-        self.base_lr = o.lr * lr_scale
+        self.base_lr = (o.lr if lr is None else lr) * lr_scale
         self.progress = 0.0  # epochs done, fractional
-        self.optimizer = make_optimizer(self.model.parameters(), ctx.cfg, self.base_lr)
+        self.optimizer = make_optimizer(self.model.parameters(), ctx.cfg, self.base_lr, kind=optimizer)
         self.scaler = ctx.grad_scaler()
 
     def set_lr(self) -> float:
@@ -314,9 +314,10 @@ class Supervised:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def make_optimizer(params, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: RunConfig, lr: float, *, kind: str | None = None) -> torch.optim.Optimizer:
+    """``optim.optimizer`` (or ``kind``: sgd | adam) with the ``optim`` section's settings."""
     o = cfg.optim
-    if o.optimizer == "adam":
+    if (kind or o.optimizer) == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                            nesterov=o.nesterov and o.momentum > 0)

@@ -10,8 +10,8 @@ kept and ONE optimiser over both networks' parameters takes a step on their mean
 Co-teaching's schedule with ``τ = jocor.forget_rate``; -1 takes the requested noise rate,
 halved for pair-flip noise as in the reference code.
 
-Differences from the reference code: the optimiser and lr schedule are the project's
-(``optim.*``; the paper's Adam at lr 1e-3 is ``optim.optimizer=adam optim.lr=0.001``).
+Optimiser: the reference's Adam at lr 1e-3 (``jocor.optimizer=adam``, ``jocor.lr``) with the
+project's lr schedule; ``jocor.optimizer=optim`` uses the shared ``optim`` section instead.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class JoCoR(SmallLossMethod):
                                halve_pairflip=True)
         # One trainer over a ModuleList: a single optimiser holds both networks' parameters.
         pair = nn.ModuleList([ctx.new_model(), ctx.new_model()])
-        self.trainers = [Supervised(ctx, self.epochs, model=pair)]
+        own = j.optimizer == "adam"
+        self.trainers = [Supervised(ctx, self.epochs, model=pair, optimizer="adam" if own else None,
+                                    lr=j.lr if own else None)]
         self.nets = list(pair)
         self.rate = 0.0
 
