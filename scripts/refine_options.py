@@ -28,6 +28,8 @@ VARIANTS = {
     "prediction, class-quantile 0.7": ["refine.loss_target=prediction", "refine.threshold_mode=class_quantile",
                                        "refine.quantile=0.7"],
     "prediction, no augmented copies": ["refine.loss_target=prediction", "refine.augment_copies=false"],
+    "prediction, fine-tune weight p(target)": ["refine.loss_target=prediction", "finetune.weight=target_prob"],
+    "prediction, plain-CE fine-tune": ["refine.loss_target=prediction", "finetune.loss=ce"],
     "CE (same budget)": ["method=ce"],
     "CE + SSL init (same budget)": ["method=ce_ssl"],
 }
