@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/labelrefine noise --data digits --type idn --rate 0.2 --seed 0 --out runs/demo/noisy_labels.csv
+	$(BIN)/labelrefine run --config configs/demo-digits.yaml --out runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

@@ -229,14 +229,7 @@ class Supervised:
         return lr
 
     def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        optimizer_step(self.optimizer, self.scaler, loss)
 
     def train_epoch(
         self,
@@ -312,6 +305,19 @@ class Supervised:
         self.total_epochs = state["total_epochs"]
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   loss: torch.Tensor) -> None:
+    """Backward and step, through the fp16 GradScaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def make_optimizer(params, cfg: RunConfig, lr: float, *, kind: str | None = None) -> torch.optim.Optimizer:

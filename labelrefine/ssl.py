@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import Context, backbone_kwargs, lr_factor
+from .engine import Context, backbone_kwargs, lr_factor, optimizer_step
 from .io import atomic_path
 from .losses import nt_xent
 from .progress import progress
@@ -137,14 +137,7 @@ class SimCLR:
             loss = nt_xent(z[: len(idx)], z[len(idx):], temperature=s.temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+            optimizer_step(self.optimizer, self.scaler, loss)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             self.progress += 1.0 / steps
