@@ -70,3 +70,22 @@ def test_resume_refuses_other_config(tiny_config, tmp_path):
 def test_resume_without_checkpoint(tiny_config, tmp_path):
     with pytest.raises(UserError, match="no run to resume"):
         run(tiny_config("method=ce"), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_damaged_checkpoint_is_a_clear_error(damage, tiny_config, tmp_path):
+    import torch
+
+    cfg = tiny_config("method=ce", "epochs=1")
+    run(cfg, tmp_path / "out")
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"\x00" * 100)
+    else:
+        torch.save({"format": "something-else"}, ckpt)
+    summary = (tmp_path / "out" / "summary.json").read_bytes()
+    with pytest.raises(UserError, match="checkpoint.pt (is unreadable|is not a labelrefine checkpoint)"):
+        run(cfg, tmp_path / "out", resume=True)
+    assert (tmp_path / "out" / "summary.json").read_bytes() == summary
