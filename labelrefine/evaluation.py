@@ -47,3 +47,15 @@ class Oracle:
             out["oracle_pseudo_precision"] = float(correct[mask].double().mean()) if int(mask.sum()) else float("nan")
             out["oracle_pseudo_recall"] = float((mask & correct).sum() / correct.sum().clamp_min(1))
         return out
+
+    def final_metrics(self, refined: torch.Tensor, flagged: torch.Tensor) -> dict[str, float | None]:
+        """Training-label accuracy before/after, and precision/recall of the flagged issues."""
+        clean, given = self.clean.cpu(), self.given.cpu()
+        refined, flagged, wrong = refined.cpu(), flagged.cpu(), self.wrong.cpu()
+        hits = int((flagged & wrong).sum())
+        return {
+            "train_label_acc_before": float((given == clean).double().mean()),
+            "train_label_acc_after": float((refined == clean).double().mean()),
+            "issue_precision": hits / int(flagged.sum()) if int(flagged.sum()) else None,
+            "issue_recall": hits / int(wrong.sum()) if int(wrong.sum()) else None,
+        }

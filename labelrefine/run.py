@@ -387,14 +387,7 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
         "torch": torch.__version__, "device": str(ctx.device),
     }
     if oracle is not None:
-        before = float((prep.train.labels == prep.train_clean).double().mean())
-        after = float((rep["refined_label"] == prep.train_clean).double().mean())
-        summary["train_label_acc_before"] = before
-        summary["train_label_acc_after"] = after
-        flagged = rep["is_label_issue"]
-        wrong = prep.train.labels != prep.train_clean
-        summary["issue_precision"] = float((flagged & wrong).sum() / flagged.sum()) if int(flagged.sum()) else None
-        summary["issue_recall"] = float((flagged & wrong).sum() / wrong.sum()) if int(wrong.sum()) else None
+        summary.update(oracle.final_metrics(rep["refined_label"], rep["is_label_issue"]))
     write_json(out / "summary.json", summary)
     try:
         from .report import write_report
