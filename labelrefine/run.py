@@ -99,8 +99,6 @@ class Prepared:
     ssl_images: torch.Tensor  # every training-split image (train + val): SSL uses no labels
     noise: NoiseResult  # over the whole training split
     train_clean: torch.Tensor | None  # clean labels of ``train``, for the oracle only
-    given_all: torch.Tensor  # noisy labels of the whole training split
-    clean_all: torch.Tensor | None
 
 
 def prepare_data(cfg: RunConfig, cache_dir: str) -> Prepared:
@@ -144,7 +142,6 @@ def prepare_data(cfg: RunConfig, cache_dir: str) -> Prepared:
         name=data.name, classes=list(train.classes), train=tr, val=val, test=test,
         ssl_images=train.images, noise=noise,
         train_clean=train.labels[train_idx].clone() if clean_known else None,
-        given_all=noisy, clean_all=train.labels.clone() if clean_known else None,
     )
 
 
