@@ -94,6 +94,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import builtin_suites, load_suite, run_suite
+
+    if args.list:
+        for name, path in sorted(builtin_suites().items()):
+            suite = load_suite(str(path))
+            budget = f" (~{suite.budget_minutes} min here)" if suite.budget_minutes else ""
+            print(f"{name:<16} {suite.title}{budget}")
+        return 0
+    if not args.suite:
+        raise UserError("bench: give a SUITE (see labelrefine bench --list)")
+    if not args.out:
+        raise UserError("bench: --out DIR is required")
+    suite = load_suite(args.suite)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    command = "labelrefine bench " + " ".join(shlex.quote(a) for a in args.argv_tail)
+    run_suite(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
+              overwrite=args.overwrite, dry_run=args.dry_run, command=command)
+    if not args.dry_run:
+        print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
 
@@ -145,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace a run already in DIR")
     r.set_defaults(func=cmd_run)
 
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (methods x noise settings x seeds) and write its results table",
+        description="Run every method of a suite on each of its noise settings and seeds, plus CE on clean "
+        "labels, as ordinary runs under DIR/runs/; finished runs are reused, unfinished ones resumed. Writes "
+        "DIR/results.csv, DIR/results.md and DIR/results.png.",
+    )
+    b.add_argument("suite", nargs="?", metavar="SUITE", help="a built-in suite name or a suite YAML file")
+    b.add_argument("--out", metavar="DIR", help="output directory of the suite")
+    b.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 (default 1)")
+    b.add_argument("--methods", metavar="A,B", help="only these methods of the suite (the clean reference always runs)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every run, e.g. --set data.spec=cifar10:/data (repeatable)")
+    b.add_argument("--overwrite", action="store_true", help="re-run runs that were made with another config")
+    b.add_argument("--dry-run", action="store_true", help="print the planned runs and their cache status")
+    b.add_argument("--list", action="store_true", help="list the built-in suites")
+    b.set_defaults(func=cmd_bench)
+
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=cmd_methods)
     return p
@@ -152,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv_tail = argv[argv.index(args.command) + 1:] if getattr(args, "command", None) in argv else []
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE

@@ -78,7 +78,9 @@ class RefineConfig:
     first_stages: list[int] = field(default_factory=lambda: [2, 3, 4])  # stage epochs of iteration 1 (papers)
     later_stages: list[int] = field(default_factory=lambda: [2, 5, 7])  # stage epochs of later iterations (papers)
     iteration_epochs: int = 0  # epochs per iteration; 0 = the iteration's last stage epoch (open question)
-    threshold: float = 1.0  # per-sample CE below this selects the sample at a stage (papers: 1.0)
+    # Per-sample stage CE below this selects the sample (papers: 1.0, against the label). Against the
+    # prediction, 0.3 (max p > 0.74) keeps a weak model from relabelling (docs/refine-options.md).
+    threshold: float = 0.3
     threshold_mode: Literal["fixed", "class_quantile"] = "fixed"  # class_quantile: per-class loss quantile
     quantile: float = 0.5  # class_quantile: fraction of each (current) class selected at a stage
     # Stage CE against the model's argmax (corrects labels) or the current label (only selects);

@@ -18,6 +18,7 @@ import random
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,7 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
                     "total_training": round(state["elapsed"], 3)},
         "config_hash": config_hash(cfg), "code_version": code_version(),
         "torch": torch.__version__, "device": str(ctx.device),
+        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if oracle is not None:
         summary.update(oracle.final_metrics(rep["refined_label"], rep["is_label_issue"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ VARIANTS = {
     "label target (papers, literal)": ["refine.loss_target=label"],
     "label target, no agreement": ["refine.loss_target=label", "refine.require_agreement=false"],
     "prediction target": ["refine.loss_target=prediction"],
+    "prediction, threshold 0.3 (max p > 0.74)": ["refine.loss_target=prediction", "refine.threshold=0.3"],
+    "prediction, threshold 0.1 (max p > 0.90)": ["refine.loss_target=prediction", "refine.threshold=0.1"],
     "prediction, no agreement": ["refine.loss_target=prediction", "refine.require_agreement=false"],
     "prediction, label from last stage": ["refine.loss_target=prediction", "refine.label_source=last"],
     "prediction, class-quantile 0.7": ["refine.loss_target=prediction", "refine.threshold_mode=class_quantile",
@@ -36,7 +39,7 @@ VARIANTS = {
 
 
 def _mean_std(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and math.isfinite(x)]  # no pseudo-labels: precision is NaN
     if not xs:
         return "-"
     if len(xs) == 1:

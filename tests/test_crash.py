@@ -40,7 +40,7 @@ def _lines(path: Path) -> int:
 
 def _comparable(out: Path) -> tuple[bytes, dict, list]:
     summary = json.loads((out / "summary.json").read_text())
-    for k in ("seconds", "code_version"):
+    for k in ("seconds", "code_version", "finished_at"):
         summary.pop(k)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for r in records:

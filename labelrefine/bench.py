@@ -1,0 +1,531 @@
+"""Benchmark suites: methods × noise settings × seeds, each an ordinary run, one results table.
+
+A suite is a YAML file (the built-in ones live in ``labelrefine/suites/``; ``labelrefine bench
+--list`` shows them, and any path to a suite file works too)::
+
+    name: cpu-cifar10
+    title: CIFAR-10 (JPEG copy), CPU profile
+    budget_minutes: 60          # what the profile is sized for (reported, never enforced)
+    methods: all                # or a list of registered names
+    reference: true             # also run CE on the clean labels (the R = acc / clean-CE column)
+    settings:                   # the table's columns
+      - {name: IDN-20%, set: [data.noise=idn, data.noise_rate=0.2]}
+    method_overrides:           # optional per-method --set lists
+      jocor: [epochs=10]
+    config: {...}               # the base run config (see labelrefine.config)
+
+Run ``r`` of a suite lives in ``OUT/runs/<setting>/<method>/seed<k>/`` with every artifact of an
+ordinary ``labelrefine run``. A run whose ``summary.json`` has the config hash of the planned run
+is reused; an unfinished one is resumed from its checkpoint; one that was made with another
+config is an error unless ``--overwrite``. ``OUT/results.csv``, ``OUT/results.md`` and
+``OUT/results.png`` are rewritten (atomically) after every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml
+from .errors import UserError
+from .io import write_text
+
+log = logging.getLogger("labelrefine")
+
+REFERENCE = "ce_clean"  # the method column name of the clean-label CE reference
+REFERENCE_SETTING = "clean"
+SUITE_KEYS = {"name", "title", "description", "budget_minutes", "methods", "reference", "settings",
+              "method_overrides", "config", "profile_notes"}
+# Order of the per-phase wall-time columns (phases a method does not have stay empty).
+PHASES = ("ssl", "warmup", "refine", "finetune", "train", "dm_warmup", "dm_train")
+
+
+@dataclass
+class Setting:
+    name: str
+    overrides: list[str]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "setting"
+
+
+@dataclass
+class Suite:
+    name: str
+    title: str
+    settings: list[Setting]
+    methods: list[str]
+    config: dict[str, Any]
+    reference: bool = True
+    budget_minutes: float | None = None
+    description: str = ""
+    profile_notes: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class PlannedRun:
+    setting: Setting
+    method: str  # a registered method, or REFERENCE
+    seed: int
+    cfg: RunConfig
+    out: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting.name} / {self.method} / seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Name → path of the suite files shipped with the package."""
+    root = resources.files("labelrefine") / "suites"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name, or a suite YAML file by path."""
+    suites = builtin_suites()
+    if name_or_path in suites:
+        path = suites[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"unknown suite {name_or_path!r}: not a built-in suite ({', '.join(sorted(suites))}) "
+                            f"and not a suite file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"suite file {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    return suite_from_dict(data, str(path))
+
+
+def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
+    from .methods import list_methods
+
+    def bad(msg: str) -> UserError:
+        return UserError(f"suite {source}: {msg}")
+
+    if not isinstance(data, dict):
+        raise bad("must be a mapping")
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise bad(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(SUITE_KEYS))}")
+    for key in ("name", "settings", "config"):
+        if key not in data:
+            raise bad(f"missing key {key!r}")
+    registered = [m.name for m in list_methods()]
+    methods = data.get("methods", "all")
+    if methods == "all":
+        methods = registered
+    if not isinstance(methods, list) or not methods:
+        raise bad("'methods' must be 'all' or a non-empty list of method names")
+    for m in methods:
+        if m not in registered:
+            raise bad(f"unknown method {m!r}; registered: {', '.join(registered)}")
+    settings = []
+    if not isinstance(data["settings"], list) or not data["settings"]:
+        raise bad("'settings' must be a non-empty list")
+    for i, s in enumerate(data["settings"]):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("set", []), list):
+            raise bad(f"settings[{i}] must be a mapping with a 'name' and a 'set' list of KEY=VALUE strings")
+        settings.append(Setting(s["name"], [str(x) for x in s.get("set", [])]))
+    slugs = [s.slug for s in settings]
+    if len(set(slugs)) != len(slugs) or REFERENCE_SETTING in slugs:
+        raise bad(f"setting names must be distinct and not {REFERENCE_SETTING!r}: {[s.name for s in settings]}")
+    overrides = data.get("method_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise bad("'method_overrides' must map method names to KEY=VALUE lists")
+    for m, items in overrides.items():
+        if m not in registered and m != REFERENCE:
+            raise bad(f"method_overrides: unknown method {m!r}")
+        if not isinstance(items, list):
+            raise bad(f"method_overrides.{m} must be a list of KEY=VALUE strings")
+    if not isinstance(data["config"], dict):
+        raise bad("'config' must be a mapping (a run config)")
+    return Suite(
+        name=str(data["name"]), title=str(data.get("title", data["name"])), settings=settings, methods=methods,
+        config=data["config"], reference=bool(data.get("reference", True)),
+        budget_minutes=data.get("budget_minutes"), description=str(data.get("description", "")).strip(),
+        profile_notes=[str(x) for x in data.get("profile_notes", [])],
+        method_overrides={k: [str(x) for x in v] for k, v in overrides.items()}, source=source,
+    )
+
+
+def run_config(suite: Suite, setting: Setting, method: str, seed: int, user_overrides: list[str]) -> RunConfig:
+    """The resolved config of one run: suite config < setting < method overrides < seed < --set."""
+    data = copy.deepcopy(suite.config)
+    items = list(setting.overrides)
+    if method == REFERENCE:
+        items += [*suite.method_overrides.get("ce", []), *suite.method_overrides.get(REFERENCE, []),
+                  "method=ce", "data.noise=none"]
+    else:
+        items += [*suite.method_overrides.get(method, []), f"method={method}"]
+    items += [f"seed={seed}", f"data.noise_seed={seed}", *user_overrides]
+    apply_overrides(data, items)
+    try:
+        return config_from_dict(data)
+    except UserError as e:
+        raise UserError(f"suite {suite.name}, {setting.name} / {method}: {e}") from None
+
+
+def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = None,
+         user_overrides: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of the suite, the clean reference first, then setting by setting."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: need at least 1")
+    chosen = suite.methods
+    if methods:
+        unknown = [m for m in methods if m not in suite.methods]
+        if unknown:
+            raise UserError(f"--methods: {unknown[0]!r} is not in suite {suite.name} ({', '.join(suite.methods)})")
+        chosen = [m for m in suite.methods if m in methods]
+    user = list(user_overrides or [])
+    runs: list[PlannedRun] = []
+    for seed in range(seeds):
+        if suite.reference:
+            ref = Setting("clean labels", [])
+            runs.append(PlannedRun(ref, REFERENCE, seed, run_config(suite, suite.settings[0], REFERENCE, seed, user),
+                                   out / "runs" / REFERENCE_SETTING / "ce" / f"seed{seed}"))
+        for s in suite.settings:
+            for m in chosen:
+                runs.append(PlannedRun(s, m, seed, run_config(suite, s, m, seed, user),
+                                       out / "runs" / s.slug / m / f"seed{seed}"))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _status(r: PlannedRun, overwrite: bool) -> str:
+    """cached | resume | new | stale (another config; an error unless overwrite)."""
+    summary = r.out / "summary.json"
+    if summary.is_file():
+        try:
+            done = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("config_hash") == config_hash(r.cfg):
+            return "cached"
+        return "stale"
+    if (r.out / "config.yaml").is_file():
+        same = (r.out / "config.yaml").read_text(encoding="utf-8") == dump_yaml(r.cfg)
+        return "resume" if same else "stale"
+    return "new"
+
+
+def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+              user_overrides: list[str] | None = None, overwrite: bool = False, dry_run: bool = False,
+              command: str | None = None) -> list[dict]:
+    """Run (or reuse) every planned run and write the results files; returns the result rows."""
+    from .run import TrainingDiverged, run
+
+    out = Path(out)
+    runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
+    statuses = [_status(r, overwrite) for r in runs]
+    stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
+    if stale and not overwrite:
+        raise UserError(f"{stale[0].out} holds a run made with another config; pass --overwrite to rerun "
+                        f"({len(stale)} such run(s)) or choose another --out")
+    todo = sum(s != "cached" for s in statuses)
+    log.info("suite %s: %d runs (%d cached, %d to run) -> %s", suite.name, len(runs), len(runs) - todo, todo, out)
+    if dry_run:
+        for r, s in zip(runs, statuses, strict=True):
+            print(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}")
+        return []
+    command = command or "labelrefine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    failures: dict[int, str] = {}
+    t0 = time.perf_counter()
+    for k, (r, s) in enumerate(zip(runs, statuses, strict=True)):
+        if s == "cached":
+            log.info("[%d/%d] %s: cached", k + 1, len(runs), r.label)
+            continue
+        log.info("[%d/%d] %s: %s", k + 1, len(runs), r.label, {"new": "running", "resume": "resuming",
+                                                                 "stale": "re-running (--overwrite)"}[s])
+        try:
+            run(r.cfg, r.out, resume=s == "resume", overwrite=s == "stale")
+        except TrainingDiverged as e:
+            log.error("%s: %s", r.label, e)
+            failures[k] = "diverged"
+        write_results(suite, out, runs, failures, command=command, seeds=seeds)
+    rows = write_results(suite, out, runs, failures, command=command, seeds=seeds)
+    log.info("suite %s: done in %.1f min (this invocation); results in %s", suite.name,
+             (time.perf_counter() - t0) / 60, out / "results.md")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def _row(suite: Suite, r: PlannedRun, status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"suite": suite.name, "setting": r.setting.name, "method": r.method, "seed": r.seed,
+                           "status": status}
+    path = r.out / "summary.json"
+    if not path.is_file():
+        return row
+    s = json.loads(path.read_text(encoding="utf-8"))
+    noise = s["noise"]
+    sec = s["seconds"]
+    row.update({
+        "dataset": s["dataset"], "data": s["data"], "noise_type": noise["type"],
+        "requested_rate": noise["requested_rate"], "achieved_rate": noise["achieved_rate"],
+        "n_train": s["n_train"], "n_val": s["n_val"], "n_test": s["n_test"],
+        "final_test_acc": s["final_test_acc"], "best_val_test_acc": s["best_val_test_acc"],
+        "best_val_acc": s["best_val_acc"], "best_val_epoch": s["best_val_epoch"],
+        "train_label_acc_before": s.get("train_label_acc_before"),
+        "train_label_acc_after": s.get("train_label_acc_after"),
+        "issue_precision": s.get("issue_precision"), "issue_recall": s.get("issue_recall"),
+        "seconds_data": sec.get("data"),
+        **{f"seconds_{p}": sec.get(p) for p in PHASES},
+        "seconds_total": sec.get("total_training"),
+        "config_hash": s["config_hash"], "code_version": s["code_version"], "device": s.get("device"),
+        "run_dir": str(r.out), "finished_at": s.get("finished_at"), "status": "ok",
+    })
+    return row
+
+
+COLUMNS = ["suite", "dataset", "setting", "noise_type", "requested_rate", "achieved_rate", "method", "seed",
+           "status", "final_test_acc", "best_val_test_acc", "best_val_acc", "best_val_epoch", "r_final",
+           "r_best_val", "train_label_acc_before", "train_label_acc_after", "issue_precision", "issue_recall",
+           "n_train", "n_val", "n_test", "seconds_data", *[f"seconds_{p}" for p in PHASES], "seconds_total",
+           "config_hash", "code_version", "device", "finished_at", "data", "run_dir"]
+
+
+def collect(suite: Suite, runs: list[PlannedRun], failures: dict[int, str] | None = None) -> list[dict]:
+    """One row per planned run (finished or not), with R against the clean reference of its seed."""
+    failures = failures or {}
+    rows = [_row(suite, r, failures.get(k, "pending")) for k, r in enumerate(runs)]
+    clean = {row["seed"]: row for row in rows if row["method"] == REFERENCE and row["status"] == "ok"}
+    for row in rows:
+        ref = clean.get(row["seed"])
+        for key, rkey in (("final_test_acc", "r_final"), ("best_val_test_acc", "r_best_val")):
+            v, c = row.get(key), None if ref is None else ref.get(key)
+            row[rkey] = v / c if v is not None and c else None
+    return rows
+
+
+def _fmt_csv(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def write_results(suite: Suite, out: Path, runs: list[PlannedRun], failures: dict[int, str] | None = None, *,
+                  command: str, seeds: int) -> list[dict]:
+    rows = collect(suite, runs, failures)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _fmt_csv(row.get(k)) for k in COLUMNS})
+    write_text(out / "results.csv", buf.getvalue())
+    write_text(out / "results.md", results_markdown(suite, rows, command=command, seeds=seeds))
+    try:
+        write_chart(suite, rows, out / "results.png")
+    except ImportError as e:  # pragma: no cover - matplotlib is a dependency
+        log.warning("chart skipped: %s", e)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def _cells(rows: list[dict], key: str) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(setting, method) → (mean, std, n) of ``key`` over the finished seeds."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row.get(key) is not None:
+            groups.setdefault((row["setting"], row["method"]), []).append(float(row[key]))
+    return {k: (*_mean_std(v), len(v)) for k, v in groups.items()}
+
+
+def _machine(rows: list[dict]) -> str:
+    import torch
+
+    devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
+    cpu = platform.processor() or platform.machine()
+    return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} logical CPUs, "
+            f"torch {torch.__version__}, device {', '.join(devices) or '-'}")
+
+
+def _dates(rows: list[dict]) -> str:
+    """The UTC days the finished runs ended on (from their summaries, so re-rendering is stable)."""
+    days = sorted({str(r["finished_at"])[:10] for r in rows if r.get("finished_at")})
+    if not days:
+        return "-"
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> str:
+    settings = [s.name for s in suite.settings]
+    methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
+    finished = [r for r in rows if r["status"] == "ok"]
+    versions = sorted({r["code_version"] for r in finished})
+    total = sum(float(r["seconds_data"] or 0) + float(r["seconds_total"] or 0) for r in finished)
+    lines = [f"# {suite.title} (`{suite.name}`)", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    lines += [
+        f"- Command: `{command}`",
+        f"- Machine: {_machine(finished)}",
+        f"- Date: {_dates(finished)}; code {', '.join(versions) or '-'}",
+        f"- Seeds: {seeds} (training seed = noise seed = 0..{seeds - 1}); cells are mean ± std over seeds",
+        f"- Runs finished: {len(finished)} of {len(rows)}; summed run wall time {total / 60:.1f} min"
+        + (f" (profile sized for ≤ {suite.budget_minutes} min)" if suite.budget_minutes else ""),
+        "",
+    ]
+    for note in suite.profile_notes:
+        lines.append(f"  - {note}")
+    if suite.profile_notes:
+        lines.append("")
+    pending = [r for r in rows if r["status"] != "ok"]
+    if pending:
+        lines += [f"**Incomplete:** {len(pending)} run(s) not finished: "
+                  + ", ".join(f"{r['setting']} / {r['method']} / seed {r['seed']} ({r['status']})" for r in pending[:8])
+                  + (" …" if len(pending) > 8 else ""), ""]
+    clean = _cells(rows, "final_test_acc").get(("clean labels", REFERENCE))
+    clean_best = _cells(rows, "best_val_test_acc").get(("clean labels", REFERENCE))
+    rates = _cells(rows, "achieved_rate")
+
+    def table(key: str, rkey: str, ref: tuple | None, title: str) -> list[str]:
+        cells, rcells = _cells(rows, key), _cells(rows, rkey)
+        head = []
+        for s in settings:
+            rate = next((v for (ss, _), v in rates.items() if ss == s), None)
+            head.append(f"{s}" + (f" ({100 * rate[0]:.1f}% noisy)" if rate else ""))
+        out = [f"## {title}", "", "| Method | " + " | ".join(head) + " |", "|---|" + "---|" * len(settings)]
+        if ref is not None:
+            out.append("| CE on clean labels (reference) | " + " | ".join(
+                [f"{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}"] * len(settings)) + " |")
+        best = {s: max((cells[(s, m)][0] for m in methods if (s, m) in cells), default=None) for s in settings}
+        for m in methods:
+            row = [f"`{m}`"]
+            for s in settings:
+                c = cells.get((s, m))
+                if c is None:
+                    row.append("—")
+                    continue
+                txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
+                if (s, m) in rcells:
+                    txt += f" (R {rcells[(s, m)][0]:.2f})"
+                if best[s] is not None and c[0] == best[s]:
+                    txt = f"**{txt}**"
+                row.append(txt)
+            out.append("| " + " | ".join(row) + " |")
+        return [*out, ""]
+
+    lines += table("final_test_acc", "r_final", clean,
+                   "Test accuracy (%), final epoch — R = accuracy ÷ clean-label CE accuracy; bold = best")
+    lines += table("best_val_test_acc", "r_best_val", clean_best,
+                   "Test accuracy (%) of the epoch with the best noisy-validation accuracy")
+
+    cells = _cells(rows, "final_test_acc")
+    if "ours" in methods:
+        lines += ["## Where `ours` stands (final-epoch test accuracy)", ""]
+        for s in settings:
+            if (s, "ours") not in cells:
+                continue
+            mine = cells[(s, "ours")][0]
+            better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
+                             and cells[(s, m)][0] > mine), reverse=True)
+            if better:
+                lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
+                    f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
+            else:
+                lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
+        lines.append("")
+
+    before, after = _cells(rows, "train_label_acc_before"), _cells(rows, "train_label_acc_after")
+    relabel = [m for m in methods if any(after.get((s, m), (None,))[0] != before.get((s, m), (None,))[0]
+                                         for s in settings if (s, m) in after)]
+    if relabel:
+        lines += ["## Training-label accuracy (%) before → after refinement", "",
+                  "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+        for m in relabel:
+            cellsx = []
+            for s in settings:
+                b, a = before.get((s, m)), after.get((s, m))
+                cellsx.append("—" if a is None else f"{100 * b[0]:.2f} → {100 * a[0]:.2f}")
+            lines.append(f"| `{m}` | " + " | ".join(cellsx) + " |")
+        lines.append("")
+
+    wall: dict[tuple[str, str], list[float]] = {}
+    for r in finished:
+        wall.setdefault((r["setting"], r["method"]), []).append(float(r["seconds_data"] or 0) +
+                                                                float(r["seconds_total"] or 0))
+    lines += ["## Wall time per run (minutes, data + training)", "",
+              "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    if ("clean labels", REFERENCE) in wall:
+        v = wall[("clean labels", REFERENCE)]
+        lines.append("| CE on clean labels (reference) | " + " | ".join([f"{sum(v) / len(v) / 60:.1f}"] * len(settings))
+                     + " |")
+    for m in methods:
+        lines.append(f"| `{m}` | " + " | ".join(
+            "—" if (s, m) not in wall else f"{sum(wall[(s, m)]) / len(wall[(s, m)]) / 60:.1f}" for s in settings)
+            + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    settings = [s.name for s in suite.settings]
+    methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
+    cells = _cells(rows, "final_test_acc")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.45 * len(methods) * len(settings)), 3.8))
+    width = 0.8 / max(len(methods), 1)
+    cmap = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(settings))]
+        ys = [100 * cells[(s, m)][0] if (s, m) in cells else float("nan") for s in settings]
+        es = [100 * cells[(s, m)][1] if (s, m) in cells else 0.0 for s in settings]
+        ax.bar(xs, ys, width, yerr=es, label=m, color=cmap(j % 10), edgecolor="black" if m == "ours" else None,
+               linewidth=1.2 if m == "ours" else 0)
+    ref = cells.get(("clean labels", REFERENCE))
+    if ref is not None:
+        ax.axhline(100 * ref[0], color="black", ls="--", lw=1, label="CE, clean labels")
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(suite.title, fontsize=10)
+    ax.legend(fontsize=7, ncol=min(len(methods) + 1, 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def read_results_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,195 @@
+"""`labelrefine bench`: the built-in suites validate, a tiny suite runs end to end, caching works."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY
+
+from labelrefine import bench
+from labelrefine.bench import REFERENCE, load_suite, plan, run_suite, suite_from_dict
+from labelrefine.cli import main
+from labelrefine.data.sources import parse_spec
+from labelrefine.errors import UserError
+from labelrefine.methods import list_methods
+
+REGISTERED = [m.name for m in list_methods()]
+
+
+def _overrides_to_dict(items: list[str]) -> dict:
+    from labelrefine.config import apply_overrides
+
+    return apply_overrides({}, list(items))
+
+
+def tiny_suite(**extra) -> dict:
+    return {
+        "name": "tiny", "title": "Tiny digits suite", "methods": ["ce", "ours"], "reference": True,
+        "settings": [{"name": "Sym-20%", "set": ["data.noise=symmetric", "data.noise_rate=0.2"]},
+                     {"name": "IDN-20%", "set": ["data.noise=idn", "data.noise_rate=0.2"]}],
+        "config": _overrides_to_dict(TINY), **extra,
+    }
+
+
+@pytest.mark.parametrize("name", ["paper-cifar10", "paper-cifar100", "cpu-cifar10", "cpu-pneumonia"])
+def test_builtin_suites_build_and_validate(name, tmp_path):
+    suite = load_suite(name)
+    runs = plan(suite, tmp_path, seeds=2)
+    per_seed = len(suite.settings) * len(suite.methods) + 1
+    assert len(runs) == 2 * per_seed
+    for r in runs:
+        parse_spec(r.cfg.data.spec)  # a valid data spec
+        assert r.cfg.seed == r.seed and r.cfg.data.noise_seed == r.seed
+        if r.method == REFERENCE:
+            assert r.cfg.method == "ce" and r.cfg.data.noise == "none"
+        else:
+            assert r.cfg.method == r.method and r.cfg.data.noise != "none"
+    # every run of a suite has its own directory
+    assert len({r.out for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize("name,classes", [("paper-cifar10", "cifar10"), ("paper-cifar100", "cifar100")])
+def test_paper_suites_hold_the_papers_settings(name, classes, tmp_path):
+    suite = load_suite(name)
+    assert suite.methods == REGISTERED
+    assert [s.name for s in suite.settings] == ["IDN-20%", "IDN-30%", "IDN-50%"]
+    runs = {(r.setting.name, r.method): r.cfg for r in plan(suite, tmp_path, seeds=1)}
+    ours = runs[("IDN-20%", "ours")]
+    assert parse_spec(ours.data.spec)[0] == classes
+    assert ours.model.backbone == "preact_resnet18" and ours.model.width == 64
+    assert ours.ssl.epochs == 30
+    assert (ours.refine.warmup_epochs, ours.refine.iterations) == (5, 4)
+    assert ours.refine.first_stages == [2, 3, 4] and ours.refine.later_stages == [2, 5, 7]
+    assert ours.refine.threshold == 1.0
+    assert ours.data.noise == "idn" and ours.data.noise_rate == 0.2
+    assert runs[("IDN-50%", "ce")].data.noise_rate == 0.5
+    dm = runs[("IDN-30%", "dividemix")]
+    assert dm.epochs == 300 and dm.optim.batch_size == 64 and dm.optim.lr == 0.02
+    assert dm.dividemix.warmup_epochs == (10 if classes == "cifar10" else 30)
+    assert runs[("IDN-20%", "jocor")].jocor.lam == (0.9 if classes == "cifar10" else 0.85)
+    assert runs[("IDN-20%", "coteaching")].epochs == 200
+
+
+def test_cpu_suites_cover_what_the_issue_asks(tmp_path):
+    c10 = load_suite("cpu-cifar10")
+    assert c10.methods == REGISTERED and c10.budget_minutes == 60
+    assert [s.name for s in c10.settings] == ["IDN-20%", "IDN-50%", "CIFAR-10N worse"]
+    cfgs = {(r.setting.name, r.method): r.cfg for r in plan(c10, tmp_path, seeds=1)}
+    assert cfgs[("CIFAR-10N worse", "ours")].data.noise == "column:worse"
+    ours = cfgs[("IDN-50%", "ours")]
+    # every phase of the method is kept: SSL, warmup, 4 iterations with stages, fine-tune
+    assert ours.ssl.epochs > 0 and ours.refine.warmup_epochs > 0 and ours.refine.iterations == 4
+    assert len(ours.refine.first_stages) >= 2 and ours.finetune.epochs > 0
+    pneu = load_suite("cpu-pneumonia")
+    assert pneu.methods == ["ce", "dividemix", "ours"] and pneu.reference
+    assert [s.name for s in pneu.settings] == ["IDN-20%", "IDN-30%"]
+
+
+def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    suite = suite_from_dict(tiny_suite())
+    out = tmp_path / "suite"
+    rows = run_suite(suite, out, seeds=1, command="labelrefine bench tiny")
+    assert len(rows) == 1 + 2 * 2
+    assert all(r["status"] == "ok" for r in rows)
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in table] == [REFERENCE, "ce", "ours", "ce", "ours"]
+    assert set(bench.COLUMNS) == set(table[0])
+    clean = float(table[0]["final_test_acc"])
+    for r in table:
+        s = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert float(r["final_test_acc"]) == pytest.approx(s["final_test_acc"], rel=1e-5)
+        assert float(r["r_final"]) == pytest.approx(s["final_test_acc"] / clean, rel=1e-4)
+        assert r["config_hash"] == s["config_hash"] and r["code_version"] == s["code_version"]
+        assert float(r["seconds_total"]) > 0
+    assert float(table[0]["achieved_rate"]) == 0.0
+    assert 0.1 < float(table[1]["achieved_rate"]) < 0.3
+    assert table[2]["seconds_refine"] and not table[1]["seconds_refine"]  # per-phase wall time
+    md = (out / "results.md").read_text()
+    assert "| CE on clean labels (reference) |" in md and "| `ours` |" in md and "(R " in md
+    assert "labelrefine bench tiny" in md and "Seeds: 1" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second invocation runs nothing and rewrites the same tables.
+    def boom(*a, **k):
+        raise AssertionError("a cached run was run again")
+
+    monkeypatch.setattr("labelrefine.run.run", boom)
+    csv_before = (out / "results.csv").read_text()
+    rows2 = run_suite(suite, out, seeds=1, command="labelrefine bench tiny")
+    assert [r["final_test_acc"] for r in rows2] == [r["final_test_acc"] for r in rows]
+    assert (out / "results.csv").read_text() == csv_before
+    assert (out / "results.md").read_text() == md
+
+
+def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    suite = suite_from_dict(tiny_suite(methods=["ce"]))
+    out = tmp_path / "suite"
+    runs = plan(suite, out, seeds=1)
+    # A run killed after its first checkpoint: the suite resumes it.
+    from labelrefine.run import run
+
+    run_suite(suite, out, seeds=1, command="x")
+    summary = runs[1].out / "summary.json"
+    summary.unlink()
+    assert bench._status(runs[1], False) == "resume"
+    calls = []
+    monkeypatch.setattr("labelrefine.run.run", lambda cfg, o, **k: calls.append(k) or run(cfg, o, **k))
+    run_suite(suite, out, seeds=1, command="x")
+    assert calls == [{"resume": True, "overwrite": False}]
+    # The same directory with another config: refused, then re-run with --overwrite.
+    changed = suite_from_dict(tiny_suite(methods=["ce"], config=_overrides_to_dict([*TINY, "optim.lr=0.02"])))
+    with pytest.raises(UserError, match="another config"):
+        run_suite(changed, out, seeds=1, command="x")
+    calls.clear()
+    run_suite(changed, out, seeds=1, command="x", overwrite=True)
+    assert len(calls) == 3 and all(c["overwrite"] for c in calls)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "no-such-suite", "--out", "o"], "unknown suite 'no-such-suite'"),
+    (["bench", "cpu-cifar10", "--out", "o", "--methods", "ours,nope"], "--methods: 'nope' is not in suite"),
+    (["bench", "cpu-cifar10", "--out", "o", "--seeds", "0"], "--seeds 0"),
+    (["bench", "cpu-cifar10"], "--out DIR is required"),
+    (["bench", "cpu-cifar10", "--out", "o", "--set", "optim.lr=-1"], "optim.lr"),
+    (["bench", "cpu-cifar10", "--out", "o", "--set", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
+])
+def test_bench_cli_errors(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"surprise": 1}, "unknown key 'surprise'"),
+    ({"methods": ["ours", "magic"]}, "unknown method 'magic'"),
+    ({"settings": []}, "'settings' must be a non-empty list"),
+    ({"settings": [{"name": "a"}, {"name": "A"}]}, "setting names must be distinct"),
+    ({"config": {"optim": {"lr": "fast"}}}, "optim.lr"),
+])
+def test_bad_suite_files(edit, message, tmp_path, capsys):
+    data = {**tiny_suite(), **edit}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_list_and_dry_run(capsys, tmp_path):
+    assert main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("cpu-cifar10", "cpu-pneumonia", "paper-cifar10", "paper-cifar100"):
+        assert name in listed
+    assert main(["bench", "paper-cifar10", "--out", str(tmp_path / "o"), "--dry-run", "--methods", "ours"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.split()[0] == "new" for line in lines)
+    assert not (tmp_path / "o").exists()
