@@ -391,7 +391,8 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
     try:
         from .report import write_report
 
-        write_report(out, summary, rep, given, classes)
+        write_report(out, summary, rep, given, classes, prep.train.images, prep.train.ids,
+                     predict_logits=method.predict_logits)
     except ImportError as e:  # matplotlib missing: the run's results stand without the report
         log.warning("report skipped: %s", e)
     return summary
