@@ -119,6 +119,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    from .io import write_csv
+    from .predict import find_images, load_model
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected a positive number")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory; give a file name such as {Path(args.out) / 'preds.csv'}")
+    predictor = load_model(args.model)
+    files = find_images(args.paths)
+    probs = predictor.predict_proba(predictor.load_images(files), batch_size=args.batch_size)
+    conf, pred = probs.max(dim=1)
+    header = ["path", "predicted_label", "confidence", *(f"p_{c}" for c in predictor.classes)]
+    rows = [[f, predictor.classes[int(k)], f"{float(c):.6f}", *(f"{v:.6f}" for v in row)]
+            for f, k, c, row in zip(files, pred.tolist(), conf.tolist(), probs.tolist(), strict=True)]
+    if args.out:
+        write_csv(args.out, header, rows)
+        print(f"wrote {len(rows)} predictions to {args.out}")
+    else:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
 
@@ -187,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="print the planned runs and their cache status")
     b.add_argument("--list", action="store_true", help="list the built-in suites")
     b.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify image files with a trained model.pt",
+        description="Classify image files (folders are searched recursively) with the model.pt of a run. Each "
+        "image is decoded as training images were, resized to the model's size and converted to its channels. "
+        "Writes path,predicted_label,confidence,p_<class>... as CSV to --out or to stdout.",
+    )
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pr.add_argument("--model", required=True, metavar="FILE", help="a run's model.pt")
+    pr.add_argument("--out", metavar="FILE", help="write the CSV here (default: stdout)")
+    pr.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
+    pr.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=cmd_methods)

@@ -7,6 +7,7 @@ prediction is the sum of both nets' logits).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,13 +55,49 @@ class Predictor:
             out.append(sum(net(x).float() for net in self.nets))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(images), dim=1)
+    def predict_proba(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        return torch.softmax(self.logits(images, batch_size), dim=1)
+
+    def load_images(self, files: Sequence[str | Path]) -> torch.Tensor:
+        """Decode image files as the training images were decoded, at this model's size and channels.
+
+        See :func:`labelrefine.data.sources.decode_images`; an undecodable file raises
+        :class:`UserError` naming it.
+        """
+        from .data.sources import decode_images
+
+        return decode_images(files, self.image_size, self.in_channels)
+
+
+def find_images(paths: Sequence[str | Path]) -> list[str]:
+    """Expand image files and folders (searched recursively) into a list of image files.
+
+    Files are kept as given (any extension; decoding decides); a folder contributes its files with
+    an image extension (:data:`~labelrefine.data.sources.IMAGE_EXTENSIONS`), sorted. A missing path
+    or a folder without images raises :class:`UserError`.
+    """
+    from .data.sources import IMAGE_EXTENSIONS, list_image_files
+
+    files: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = list_image_files(path)
+            if not found:
+                raise UserError(f"folder {path} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(str(f) for f, _ in found)
+        elif path.is_file():
+            files.append(str(p))
+        else:
+            raise UserError(f"path {p} does not exist")
+    return files
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """Load a ``model.pt`` written by ``labelrefine run``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model file {path} is a directory; give the model.pt inside a run directory")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist")
     try:

@@ -264,6 +264,37 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return p.resolve()
 
 
+def _walk_images(folder: str | Path, rel: str) -> Iterator[tuple[os.DirEntry, str]]:
+    """Image files under ``folder`` (recursive, hidden entries skipped), unordered.
+
+    Yields each file's ``DirEntry`` and its id: ``rel`` + ``/`` + the path below ``folder``
+    with forward slashes.
+    """
+    stack = [(str(folder), rel)]
+    while stack:
+        here, prefix = stack.pop()
+        with os.scandir(here) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    stack.append((e.path, f"{prefix}/{e.name}"))
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
+                    yield e, f"{prefix}/{e.name}"
+
+
+def list_image_files(folder: str | Path) -> list[tuple[Path, str]]:
+    """Image files under ``folder``, recursively, as the data loaders find them.
+
+    Returns ``(path, relative path with forward slashes)`` pairs sorted by the relative path;
+    ``path`` is ``folder`` joined with the relative path (absolute only if ``folder`` is).
+    Extensions: :data:`IMAGE_EXTENSIONS`; hidden files and folders are skipped.
+    """
+    folder = Path(folder)
+    found = sorted(rel[2:] for _, rel in _walk_images(folder, "."))
+    return [(folder.joinpath(*rel.split("/")), rel) for rel in found]
+
+
 def _list_class_folders(
     split_dir: Path, root: Path
 ) -> tuple[list[str], list[list[tuple[str, str, int, int]]]]:
@@ -281,18 +312,9 @@ def _list_class_folders(
     for cls in classes:
         class_dir = split_dir / cls
         found: list[tuple[str, str, int, int]] = []
-        stack = [(str(class_dir), os.path.relpath(class_dir, root).replace(os.sep, "/"))]
-        while stack:
-            folder, rel = stack.pop()
-            with os.scandir(folder) as it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir():
-                        stack.append((e.path, f"{rel}/{e.name}"))
-                    elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
-                        st = e.stat()
-                        found.append((e.path, f"{rel}/{e.name}", st.st_size, st.st_mtime_ns))
+        for e, rel in _walk_images(class_dir, os.path.relpath(class_dir, root).replace(os.sep, "/")):
+            st = e.stat()
+            found.append((e.path, rel, st.st_size, st.st_mtime_ns))
         if not found:
             raise UserError(
                 f"{class_dir}: class folder has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -832,6 +854,30 @@ def _decode_all(
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         flat = (d for part in pool.imap(_decode_chunk, tasks) for d in part)
         yield from progress(flat, total=len(files), desc=desc, unit="img")
+
+
+def decode_images(
+    files: Sequence[str | Path], size: tuple[int, int], channels: int, desc: str = "decoding images"
+) -> torch.Tensor:
+    """Decode image files as a data set's training images were decoded, into uint8 ``N×C×H×W``.
+
+    Each file is decoded like an image file of ``imagefolder``/``csv``/``json`` loaded with
+    ``size=HxW`` and ``channels=C`` (:func:`_decode_file`): 16-bit and float grayscale scaled
+    to 8 bits, converted to L (``channels=1``) or RGB (``channels=3``) with PIL, then resized
+    (PIL bilinear) to ``size`` = ``(H, W)`` when it differs. Raises :class:`UserError` naming
+    the first file that cannot be decoded.
+    """
+    mode = {1: "L", 3: "RGB"}[channels]
+    names = [str(f) for f in files]
+    arrays: list[np.ndarray] = []
+    for i, (arr, _, err) in enumerate(_decode_all(names, size, mode, desc)):
+        if err is not None:
+            raise UserError(f"cannot read image {names[i]}: {err}")
+        assert arr is not None
+        arrays.append(arr)
+    if not arrays:
+        return torch.zeros((0, channels, *size), dtype=torch.uint8)
+    return torch.from_numpy(_stack_channels(arrays, channels))
 
 
 def _rgb_to_gray(x: np.ndarray, axis: int) -> np.ndarray:
