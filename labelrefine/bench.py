@@ -115,10 +115,18 @@ def load_suite(name_or_path: str) -> Suite:
             raise UserError(f"unknown suite {name_or_path!r}: not a built-in suite ({', '.join(sorted(suites))}) "
                             f"and not a suite file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"suite file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"suite file {path}: cannot be read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"suite file {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
+        raise UserError(f"suite file {path}: not valid YAML ({e})") from None
     return suite_from_dict(data, str(path))
 
 

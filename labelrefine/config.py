@@ -220,7 +220,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"config key {key!r}: {value} is too large for a number") from None
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"config key {key!r}: expected a string, got {value!r}")
@@ -233,7 +236,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise UserError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints, bools or null too
     if unknown:
         raise UserError(f"unknown config key {prefix + str(unknown[0])!r}; known in this section: "
                         f"{', '.join(sorted(fields))}")
@@ -261,7 +264,7 @@ def _parse_value(text: str) -> Any:
     """Parse the right-hand side of ``key=value`` as YAML (so 0.5, true, [2,3,4] work)."""
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # PyYAML raises ValueError for e.g. 2020-13-01 or !!int x
         return text
 
 
@@ -292,11 +295,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise UserError(f"config file {str(p)!r} cannot be read ({e.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise UserError(f"config file {str(p)!r} is not valid YAML{where}") from None
+        except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
+            raise UserError(f"config file {str(p)!r} is not valid YAML ({e})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

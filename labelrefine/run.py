@@ -194,6 +194,33 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
     return ckpt
 
 
+def _data_fingerprint(prep: Prepared) -> dict:
+    """What a checkpoint's state depends on in the data: the class list and the split sizes."""
+    return {"num_classes": len(prep.classes), "classes": list(prep.classes), "n_train": len(prep.train),
+            "n_val": 0 if prep.val is None else len(prep.val)}
+
+
+def _check_checkpoint_data(path: Path, ckpt: dict, prep: Prepared, spec: str) -> None:
+    """The data on disk must be the data the checkpoint was trained on (same spec, changed files)."""
+    saved = ckpt.get("data")
+    if not isinstance(saved, dict):
+        return  # written before the fingerprint existed: loading the state checks the shapes
+    now = _data_fingerprint(prep)
+    hint = "the data changed since the run started; restore it or use --overwrite"
+    if saved.get("num_classes") != now["num_classes"]:
+        raise UserError(f"checkpoint {path} was written for {saved.get('num_classes')} classes but data {spec!r} "
+                        f"now has {now['num_classes']} classes; {hint}")
+    if saved.get("classes") != now["classes"]:
+        old = [*(saved.get("classes") or []), *[None] * now["num_classes"]]  # same count: checked above
+        k = next(i for i, name in enumerate(now["classes"]) if old[i] != name)
+        raise UserError(f"checkpoint {path} was written for class {k} named {old[k]!r} but data {spec!r} now "
+                        f"names it {now['classes'][k]!r}; {hint}")
+    for key, what in (("n_train", "training"), ("n_val", "validation")):
+        if saved.get(key) != now[key]:
+            raise UserError(f"checkpoint {path} was written for {saved.get(key)} {what} samples but data {spec!r} "
+                            f"now gives {now[key]}; {hint}")
+
+
 def _to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -228,6 +255,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     t_start = time.perf_counter()
     prep = prepare_data(cfg, cache_dir)
     t_data = time.perf_counter() - t_start
+    if ckpt is not None:
+        _check_checkpoint_data(out / "checkpoint.pt", ckpt, prep, cfg.data.spec)
 
     _seed_everything(cfg.seed)
     ctx = Context(cfg, prep.train.images, prep.train.labels, len(prep.classes), device=device,
@@ -237,7 +266,12 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
 
     if ckpt is not None:
         schedule = [EpochSpec(**s) for s in ckpt["schedule"]]
-        method.load_state_dict(_to_device(ckpt["method"], device))
+        try:
+            method.load_state_dict(_to_device(ckpt["method"], device))
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"checkpoint {out / 'checkpoint.pt'} does not fit this run ({first}); "
+                            f"use --overwrite") from None
         _set_rng_state(ctx, ckpt["rng"])
         state = ckpt["engine"]
         log.info("resuming %s at epoch %d of %d", out, state["done"] + 1, len(schedule))
@@ -300,7 +334,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         log.info(_epoch_line(record, len(schedule)))
         every = cfg.checkpoint_every
         if every and ((i + 1) % every == 0 or i + 1 == len(schedule)):
-            _save_checkpoint(out / "checkpoint.pt", cfg, schedule, method, ctx, state)
+            _save_checkpoint(out / "checkpoint.pt", cfg, schedule, method, ctx, state, _data_fingerprint(prep))
 
     return _finish(cfg, out, prep, ctx, method, state, oracle, t_data)
 
@@ -335,8 +369,9 @@ def _truncate_lines(path: Path, keep: int) -> None:
     write_text(path, "".join(lines))
 
 
-def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context, state: dict) -> None:
-    ckpt = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "config": config_to_dict(cfg),
+def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context, state: dict,
+                     data: dict) -> None:
+    ckpt = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "config": config_to_dict(cfg), "data": data,
             "schedule": [{**s.as_dict(), "supervised": s.supervised} for s in schedule],
             "method": method.state_dict(), "rng": _rng_state(ctx), "engine": state}
     with atomic_path(path) as tmp:

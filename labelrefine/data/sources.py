@@ -376,7 +376,7 @@ def _stat_files(split: _SplitPlan, source: Path, lines: Sequence[int] | None = N
     for i, f in enumerate(split.files):
         try:
             st = os.stat(f)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL character in the path
             where = f"line {lines[i]}" if lines is not None else f"entry {i}"
             raise UserError(f"{source}: {where}: image {split.ids[i]!r} not found ({f})") from None
         sizes.append(st.st_size)
@@ -759,8 +759,6 @@ def _plan_json(path: str, options: dict[str, str | bool]) -> _Plan:
         if guess.is_file():
             test_file = guess.resolve()
             log.info("json: using %s as the test split", test_file)
-    if test_file is None:
-        log.warning("json: no test split for %s (give one with test=FILE)", file)
     sources = {"train": file} | ({"test": test_file} if test_file is not None else {})
     read = {name: _read_json_manifest(f) for name, f in sources.items()}
     if classes is None:
@@ -779,6 +777,8 @@ def _plan_json(path: str, options: dict[str, str | bool]) -> _Plan:
         plan = _SplitPlan(files=[os.path.join(base, n) for n in names], ids=names, labels=labels)
         _stat_files(plan, src)
         splits[name] = plan
+    if test_file is None:  # after the checks: a bad manifest is one error line, not a warning and an error
+        log.warning("json: no test split for %s (give one with test=FILE)", file)
     key_options = {"test": str(test_file) if test_file else None, "classes": classes}
     return _Plan("json", file.stem, file, classes, splits, key_options, list(sources.values()))
 

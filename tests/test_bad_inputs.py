@@ -1,0 +1,435 @@
+"""A table of bad inputs, each run through the real CLI (``labelrefine.cli.main``) in-process.
+
+Every case must end as exit code 2 with exactly one stderr line ``labelrefine: error: ...`` that
+names the problem (the file, key or option), and must write nothing: the working directory and
+the cache are byte-for-byte (and mtime-for-mtime) what they were before the command.
+
+Cases that need a finished run (existing output dir, checkpoints) copy one of the runs made once
+by the module fixture ``finished_runs`` (digits and a 3-class npz, ``method=ce``, 1 epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+
+from labelrefine.cli import main
+
+# The config of the fixture runs: a resume with exactly these settings matches their checkpoints.
+RUN_SETS = [*TINY, "method=ce", "epochs=1", "ssl.epochs=0"]
+NPZ_SETS = [*RUN_SETS, "data.spec=npz:data.npz", "data.train_subset=0", "data.test_subset=0",
+            "data.noise=symmetric"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [f"--set={s}" for s in items]
+
+
+NOISE = ["--type", "symmetric", "--rate", "0.1", "--out", "out.csv"]  # noise args after --data SPEC
+
+
+# --------------------------------------------------------------------------------------------
+# builders of bad inputs (all relative to the working directory ``w``)
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _folder(w: Path, name: str = "imgs", classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    root = w / name
+    for split in ("train", "test"):
+        for k, cls in enumerate(classes):
+            for i in range(2):
+                _png(root / split / cls / f"{i}.png", seed=10 * k + i)
+    return root
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _csv(w: Path, text: str, name: str = "m.csv", images: int = 4) -> None:
+    for i in range(images):
+        _png(w / "img" / f"{i}.png", seed=i)
+    _write(w / name, text)
+
+
+def _npz(path: Path, num_classes: int, **replace: np.ndarray | None) -> None:
+    """A Keras-style npz with ``num_classes`` classes; ``replace`` swaps or (None) drops arrays."""
+    rng = np.random.default_rng(num_classes)
+    n, m = 20 * num_classes, 4 * num_classes
+    arrays = {"x_train": rng.integers(0, 256, (n, 8, 8), dtype=np.uint8), "y_train": np.arange(n) % num_classes,
+              "x_test": rng.integers(0, 256, (m, 8, 8), dtype=np.uint8), "y_test": np.arange(m) % num_classes}
+    arrays.update(replace)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def _copy_run(runs: Path, w: Path, which: str = "digits_run") -> Path:
+    return Path(shutil.copytree(runs / which, w / "out"))
+
+
+def _damage_checkpoint(how: str) -> Callable[[Path, Path], None]:
+    def setup(w: Path, runs: Path) -> None:
+        ckpt = _copy_run(runs, w) / "checkpoint.pt"
+        if how == "truncate":
+            ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        elif how == "random":
+            ckpt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        elif how == "empty":
+            ckpt.write_bytes(b"")
+        elif how == "foreign":
+            torch.save({"format": "someone-elses-checkpoint", "weights": [1, 2, 3]}, ckpt)
+        elif how == "list":
+            torch.save([1, 2, 3], ckpt)
+
+    return setup
+
+
+def _npz_changed_classes(legacy: bool) -> Callable[[Path, Path], None]:
+    """The npz run's dir and its data file, the data since rewritten with 4 classes instead of 3."""
+    def setup(w: Path, runs: Path) -> None:
+        out = _copy_run(runs, w, "npz_run")
+        _npz(w / "data.npz", 4)
+        if legacy:  # a checkpoint written before checkpoints recorded the data's class count
+            ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+            ckpt.pop("data", None)
+            torch.save(ckpt, out / "checkpoint.pt")
+
+    return setup
+
+
+def _no_checkpoint(w: Path, runs: Path) -> None:
+    """A run that stopped before its first checkpoint: only config.yaml (and metrics) exist."""
+    out = _copy_run(runs, w)
+    for name in list(p.name for p in out.iterdir()):
+        if name != "config.yaml":
+            (out / name).unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    needles: tuple[str, ...]  # each must occur in the error line
+    setup: Callable[..., None] | None = None  # setup(w) or, with needs_runs, setup(w, runs)
+    needs_runs: bool = False
+    out: str = "out"  # the output path the command was given (must not appear unless set up)
+
+
+def _case(id: str, argv: list[str], *needles: str, setup=None, needs_runs=False, out="out") -> Case:
+    return Case(id, argv, needles, setup, needs_runs, out)
+
+
+def _noise(spec: str, *needles: str, setup=None) -> Case:
+    return _case("", ["noise", "--data", spec, *NOISE], *needles, setup=setup, out="out.csv")
+
+
+def _run(sets: list[str], *needles: str, setup=None, extra: tuple[str, ...] = ()) -> Case:
+    return _case("", ["run", *_sets(sets), *extra, "--out", "out"], *needles, setup=setup)
+
+
+def _named(id: str, case: Case) -> Case:
+    case.id = id
+    return case
+
+
+DATA_CASES = [
+    _named("data-unknown-kind", _noise("mnist:somewhere", "unknown kind 'mnist'", "known kinds")),
+    _named("data-kind-without-path", _noise("imagefolder", "kind 'imagefolder' needs a path")),
+    _named("data-unknown-option", _noise("imagefolder:imgs,sise=8", "unknown option 'sise'",
+                                         setup=lambda w: _folder(w))),
+    _named("data-bad-size-option", _noise("digits,size=0", "size=0")),
+    _named("data-csv-file-missing", _noise("csv:nope.csv", "nope.csv does not exist")),
+    _named("data-imagefolder-missing", _noise("imagefolder:no_such_dir", "no_such_dir does not exist")),
+    _named("data-imagefolder-is-file", _noise("imagefolder:afile", "afile is not a directory",
+                                              setup=lambda w: _write(w / "afile", "x"))),
+    _named("data-imagefolder-no-train", _noise("imagefolder:imgs", "has no 'train' folder",
+                                               setup=lambda w: (w / "imgs" / "test" / "a").mkdir(parents=True))),
+    _named("data-imagefolder-empty-class", _noise(
+        "imagefolder:imgs", "train/bird: class folder has no images",
+        setup=lambda w: (_folder(w) / "train" / "bird").mkdir())),
+    _named("data-imagefolder-only-non-images", _noise(
+        "imagefolder:imgs", "train/bird: class folder has no images",
+        setup=lambda w: _write(_folder(w) / "train" / "bird" / "notes.txt", "not an image"))),
+    _named("data-imagefolder-corrupt-image", _noise(
+        "imagefolder:imgs", "cannot read image", "train/dog/1.png",
+        setup=lambda w: _write(_folder(w) / "train" / "dog" / "1.png", b"\x89PNG\r\n\x1a\n garbage"))),
+    _named("data-imagefolder-text-as-jpg", _noise(
+        "imagefolder:imgs", "cannot read image", "test/cat/0.jpg",
+        setup=lambda w: _write(_folder(w) / "test" / "cat" / "0.jpg", "just some text\n"))),
+    _named("data-imagefolder-unknown-test-class", _noise(
+        "imagefolder:imgs", "class folder 'zebra' is not one of the training classes",
+        setup=lambda w: _png(_folder(w) / "test" / "zebra" / "0.png"))),
+    _named("data-csv-missing-column", _noise(
+        "csv:m.csv,label=worse", "m.csv: no column 'worse' (from label=worse)",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,cat\nimg/1.png,dog\n"))),
+    _named("data-csv-no-path-column", _noise(
+        "csv:m.csv", "m.csv: no path column",
+        setup=lambda w: _csv(w, "picture,label\nimg/0.png,cat\n"))),
+    _named("data-csv-bad-label", _noise(
+        "csv:m.csv,classes=cat;dog", "m.csv: line 3: column 'label' has label 'bird'",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,cat\nimg/1.png,bird\n"))),
+    _named("data-csv-label-out-of-range", _noise(
+        "csv:m.csv,classes=cat;dog", "m.csv: line 2: column 'label' has label 5 outside [0, 1]",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,5\nimg/1.png,0\n"))),
+    _named("data-csv-duplicate-header", _noise(
+        "csv:m.csv", "m.csv: column 'label' appears twice",
+        setup=lambda w: _csv(w, "path,label,label\nimg/0.png,cat,dog\n"))),
+    _named("data-csv-missing-image", _noise(
+        "csv:m.csv", "m.csv: line 3: image 'img/missing.png' not found",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,cat\nimg/missing.png,dog\n"))),
+    _named("data-csv-ragged-row", _noise(
+        "csv:m.csv", "m.csv: line 2: 3 fields, the header has 2",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,cat,extra\n"))),
+    _named("data-csv-bad-split", _noise(
+        "csv:m.csv", "m.csv: line 2: column 'split' has 'dev'",
+        setup=lambda w: _csv(w, "path,label,split\nimg/0.png,cat,dev\n"))),
+    _named("data-csv-not-utf8", _noise(
+        "csv:m.csv", "m.csv: not a UTF-8 text file",
+        setup=lambda w: _csv(w, b"path,label\nimg/0.png,\xff\xfe\n"))),
+    _named("data-json-not-a-list", _noise(
+        "json:m.json", "m.json: expected a JSON list",
+        setup=lambda w: _write(w / "m.json", json.dumps({"name": "img/0.png", "label": 0})))),
+    _named("data-json-entry-missing-label", _noise(
+        "json:m.json", "m.json: entry 1 has no 'label'",
+        setup=lambda w: _write(w / "m.json", json.dumps([{"name": "a.png", "label": 0}, {"name": "b.png"}])))),
+    _named("data-json-label-not-int", _noise(
+        "json:m.json", "m.json: entry 0: 'label' must be an integer",
+        setup=lambda w: _write(w / "m.json", json.dumps([{"name": "a.png", "label": "cat"}])))),
+    _named("data-json-invalid", _noise(
+        "json:m.json", "m.json: not valid JSON",
+        setup=lambda w: _write(w / "m.json", '[{"name": "a.png", "label": 0},'))),
+    _named("data-npz-missing-key", _noise(
+        "npz:d.npz", "d.npz: missing array 'y_test'", setup=lambda w: _npz(w / "d.npz", 3, y_test=None))),
+    _named("data-npz-wrong-shape", _noise(
+        "npz:d.npz", "d.npz: x_train has shape (60, 64)",
+        setup=lambda w: _npz(w / "d.npz", 3, x_train=np.zeros((60, 64), dtype=np.uint8)))),
+    _named("data-npz-length-mismatch", _noise(
+        "npz:d.npz", "d.npz: x_test has 12 rows but y_test has 5",
+        setup=lambda w: _npz(w / "d.npz", 3, y_test=np.zeros(5, dtype=np.int64)))),
+    _named("data-npz-not-npz", _noise(
+        "npz:d.npz", "d.npz: not a readable .npz file", setup=lambda w: _write(w / "d.npz", "hello"))),
+    _named("data-json-nul-in-name", _noise(
+        "json:m.json", "m.json: entry 0: image", "not found",
+        setup=lambda w: _write(w / "m.json", json.dumps([{"name": "a.png\x00", "label": 0}])))),
+    _named("data-via-run-missing-manifest", _run(["data.spec=csv:nope.csv"], "nope.csv does not exist")),
+    _named("data-via-run-unknown-noise-column", _run(
+        ["data.spec=npz:d.npz", "data.noise=column:worse"], "no label column 'worse'",
+        setup=lambda w: _npz(w / "d.npz", 3))),
+]
+
+CONFIG_CASES = [
+    _named("config-unknown-key", _run(["refine.thresold=0.8"], "unknown config key 'refine.thresold'")),
+    _named("config-unknown-section", _run(["nosuch.key=1"], "unknown config key 'nosuch'")),
+    _named("config-wrong-type-int", _run(["refine.iterations=2.5"], "'refine.iterations'", "expected an integer")),
+    _named("config-wrong-type-bool", _run(["ssl.cache=maybe"], "'ssl.cache'", "expected true or false")),
+    _named("config-wrong-type-list", _run(["refine.first_stages=5"], "'refine.first_stages'", "expected a list")),
+    _named("config-bad-choice", _run(["optim.optimizer=rmsprop"], "'optim.optimizer'", "'sgd' | 'adam'")),
+    _named("config-noise-rate-1.5", _run(["data.noise_rate=1.5"], "'data.noise_rate'", "1.5 is outside [0, 1)")),
+    _named("config-val-fraction-0.7", _run(["data.val_fraction=0.7"], "'data.val_fraction'", "outside [0, 0.5)")),
+    _named("config-negative-epochs", _run(["epochs=-1"], "'epochs'", "must be >= 0")),
+    _named("config-zero-batch", _run(["optim.batch_size=0"], "'optim.batch_size'", "must be > 0")),
+    _named("config-stages-not-increasing", _run(["refine.first_stages=[3, 2]"], "'refine.first_stages'",
+                                                "strictly increasing")),
+    _named("config-impossible-date", _run(["seed=2020-13-01"], "'seed'", "expected an integer")),
+    _named("config-number-too-large", _run(["optim.lr=" + "9" * 400], "'optim.lr'", "too large")),
+    _named("config-section-not-mapping", _run(["refine=3"], "'refine'", "must be a mapping")),
+    _named("config-bad-set-syntax", _run(["refine.threshold"], "--set 'refine.threshold'", "expected KEY=VALUE")),
+    _named("config-unknown-method", _run(["method=nosuch"], "unknown method 'nosuch'")),
+    _named("config-file-missing", _case("config-file-missing", ["run", "--config", "nope.yaml", "--out", "out"],
+                                        "config file 'nope.yaml' does not exist")),
+    _named("config-file-invalid-yaml", _case(
+        "", ["run", "--config", "bad.yaml", "--out", "out"], "config file 'bad.yaml' is not valid YAML at line",
+        setup=lambda w: _write(w / "bad.yaml", "refine:\n  first_stages: [1, 2\nseed: 3\n"))),
+    _named("config-file-is-a-list", _case(
+        "", ["run", "--config", "list.yaml", "--out", "out"], "config file 'list.yaml' must hold a mapping",
+        setup=lambda w: _write(w / "list.yaml", "- seed: 1\n- seed: 2\n"))),
+    _named("config-file-unknown-key", _case(
+        "", ["run", "--config", "c.yaml", "--out", "out"], "unknown config key 'optim.lrr'",
+        setup=lambda w: _write(w / "c.yaml", "optim:\n  lrr: 0.1\n"))),
+    _named("config-file-not-utf8", _case(
+        "", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml' is not UTF-8 text",
+        setup=lambda w: _write(w / "c.yaml", b"seed: \xff\xfe\n"))),
+    _named("config-file-impossible-date", _case(
+        "", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml' is not valid YAML",
+        setup=lambda w: _write(w / "c.yaml", "seed: 2020-13-01\n"))),
+    _named("config-file-int-key", _case(
+        "", ["run", "--config", "c.yaml", "--out", "out"], "unknown config key '1'",
+        setup=lambda w: _write(w / "c.yaml", "1: 2\nseed: 3\n"))),
+    _named("config-set-into-scalar", _case(
+        "", ["run", "--config", "c.yaml", "--set", "seed.x=1", "--out", "out"], "'seed' is not a section",
+        setup=lambda w: _write(w / "c.yaml", "seed: 3\n"))),
+]
+
+CLI_CASES = [
+    _named("cli-resume-and-overwrite", _case("", ["run", "--resume", "--overwrite", "--out", "out"],
+                                             "--resume and --overwrite exclude each other")),
+    _named("cli-resume-empty-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
+                                         "--resume: out holds no run to resume",
+                                         setup=lambda w: (w / "out").mkdir())),
+    _named("cli-resume-missing-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
+                                           "--resume: out holds no run to resume")),
+    _named("cli-out-holds-a-run", _case(
+        "", ["run", *_sets(RUN_SETS), "--out", "out"], "output directory out already holds a run",
+        "--resume", "--overwrite", setup=lambda w, runs: _copy_run(runs, w), needs_runs=True)),
+    _named("cli-out-is-a-file", _case("", ["run", *_sets(RUN_SETS), "--out", "out"],
+                                      "output path out exists and is not a directory",
+                                      setup=lambda w: _write(w / "out", "precious"))),
+    _named("cli-noise-rate-1.5", _case("", ["noise", "--data", "digits", "--type", "idn", "--rate", "1.5",
+                                            "--out", "out.csv"], "--rate 1.5 is outside [0, 1)", out="out.csv")),
+    _named("cli-noise-rate-missing", _case("", ["noise", "--data", "digits", "--type", "pairflip",
+                                                "--out", "out.csv"], "--rate is required", out="out.csv")),
+    _named("cli-noise-unknown-type", _case("", ["noise", "--data", "digits", "--type", "gaussian", "--rate", "0.2",
+                                                "--out", "out.csv"], "unknown noise type 'gaussian'", out="out.csv")),
+    _named("cli-bench-unknown-suite", _case("", ["bench", "nosuch-suite", "--out", "out"],
+                                            "unknown suite 'nosuch-suite'")),
+    _named("cli-bench-seeds-0", _case("", ["bench", "cpu-cifar10", "--seeds", "0", "--out", "out"],
+                                      "--seeds 0: need at least 1")),
+    _named("cli-bench-seeds-negative", _case("", ["bench", "cpu-cifar10", "--seeds", "-2", "--out", "out"],
+                                             "--seeds -2: need at least 1")),
+    _named("cli-bench-no-suite", _case("", ["bench", "--out", "out"], "bench: give a SUITE")),
+    _named("cli-bench-no-out", _case("", ["bench", "cpu-cifar10"], "bench: --out DIR is required")),
+    _named("cli-bench-unknown-method", _case("", ["bench", "cpu-cifar10", "--methods", "nosuch", "--out", "out"],
+                                             "--methods: 'nosuch' is not in suite cpu-cifar10")),
+    _named("cli-bench-bad-set", _case("", ["bench", "cpu-cifar10", "--set", "optim.lrr=1", "--out", "out"],
+                                      "unknown config key 'optim.lrr'")),
+    _named("cli-bench-suite-invalid-yaml", _case(
+        "", ["bench", "s.yaml", "--out", "out"], "suite file s.yaml: not valid YAML",
+        setup=lambda w: _write(w / "s.yaml", "name: [x\n"))),
+    _named("cli-bench-suite-not-utf8", _case(
+        "", ["bench", "s.yaml", "--out", "out"], "suite file s.yaml: not UTF-8 text",
+        setup=lambda w: _write(w / "s.yaml", b"name: \xff\n"))),
+]
+
+RESUME = ["run", *_sets(RUN_SETS), "--resume", "--out", "out"]
+RESUME_NPZ = ["run", *_sets(NPZ_SETS), "--resume", "--out", "out"]
+
+CHECKPOINT_CASES = [
+    _named("ckpt-truncated", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+                                   setup=_damage_checkpoint("truncate"), needs_runs=True)),
+    _named("ckpt-random-bytes", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+                                      setup=_damage_checkpoint("random"), needs_runs=True)),
+    _named("ckpt-empty-file", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+                                    setup=_damage_checkpoint("empty"), needs_runs=True)),
+    _named("ckpt-foreign-format", _case("", RESUME, "checkpoint out/checkpoint.pt is not a labelrefine checkpoint",
+                                        setup=_damage_checkpoint("foreign"), needs_runs=True)),
+    _named("ckpt-not-a-dict", _case("", RESUME, "checkpoint out/checkpoint.pt is not a labelrefine checkpoint",
+                                    setup=_damage_checkpoint("list"), needs_runs=True)),
+    _named("ckpt-other-config", _case(
+        "", ["run", *_sets(RUN_SETS), "--set", "optim.lr=0.07", "--resume", "--out", "out"],
+        "checkpoint out/checkpoint.pt was written with another config",
+        setup=lambda w, runs: _copy_run(runs, w), needs_runs=True)),
+    _named("ckpt-no-checkpoint-other-config", _case(
+        "", ["run", *_sets(RUN_SETS), "--set", "seed=5", "--resume", "--out", "out"],
+        "--resume: out/config.yaml differs from this config", setup=_no_checkpoint, needs_runs=True)),
+    _named("ckpt-data-class-count-changed", _case(
+        "", RESUME_NPZ, "checkpoint out/checkpoint.pt was written for 3 classes",
+        "data 'npz:data.npz' now has 4 classes", setup=_npz_changed_classes(legacy=False), needs_runs=True)),
+    _named("ckpt-legacy-data-class-count-changed", _case(
+        "", RESUME_NPZ, "checkpoint out/checkpoint.pt does not fit this run",
+        setup=_npz_changed_classes(legacy=True), needs_runs=True)),
+    _named("ckpt-data-class-names-changed", _case(
+        "", RESUME_NPZ, "checkpoint out/checkpoint.pt was written for class 0 named '0'", "now names it 'cat'",
+        setup=lambda w, runs: (_copy_run(runs, w, "npz_run"),
+                               _npz(w / "data.npz", 3, class_names=np.array(["cat", "dog", "fox"]))),
+        needs_runs=True)),
+    _named("ckpt-data-sample-count-changed", _case(
+        "", RESUME_NPZ, "checkpoint out/checkpoint.pt was written for", "training samples",
+        setup=lambda w, runs: (_copy_run(runs, w, "npz_run"),
+                               _npz(w / "data.npz", 3, x_train=np.zeros((90, 8, 8), np.uint8),
+                                    y_train=np.arange(90) % 3)), needs_runs=True)),
+]
+
+CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES
+
+
+def test_corpus_is_large_and_ids_unique():
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert all(c.id for c in CASES)
+    assert len(DATA_CASES) >= 8 and len(CONFIG_CASES) >= 8 and len(CLI_CASES) >= 5 and len(CHECKPOINT_CASES) >= 4
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory) -> Path:
+    """Two finished 1-epoch CE runs: ``digits_run`` (TINY digits) and ``npz_run`` (3-class npz)."""
+    base = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LABELREFINE_CACHE", str(base / "cache"))
+        mp.chdir(base)
+        assert main(["-q", "run", *_sets(RUN_SETS), "--out", "digits_run"]) == 0
+        _npz(base / "data.npz", 3)
+        assert main(["-q", "run", *_sets(NPZ_SETS), "--out", "npz_run"]) == 0
+    assert (base / "npz_run" / "checkpoint.pt").is_file() and (base / "digits_run" / "checkpoint.pt").is_file()
+    return base
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Every path under ``root``: a file's bytes and mtime, ``None`` for a directory."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, request):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(work)
+    if case.setup is not None:
+        if case.needs_runs:
+            case.setup(work, request.getfixturevalue("finished_runs"))
+        else:
+            case.setup(work)
+    existed = (work / case.out).exists()
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+
+    code = main(case.argv)
+
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2, captured
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("labelrefine: error: "), lines
+    for needle in case.needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert (work / case.out).exists() == existed
+    assert _snapshot(tmp_path) == before, "the failed command wrote or changed files"
+
+
+def test_resume_with_unchanged_data_passes_the_data_check(finished_runs: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, capsys):
+    """The control of the ckpt-data-* cases: the same npz data resumes (the finished run is re-finished)."""
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    _copy_run(finished_runs, tmp_path, "npz_run")
+    shutil.copy(finished_runs / "data.npz", tmp_path / "data.npz")
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["data"]["num_classes"] == 3
+    assert main(["-q", *RESUME_NPZ]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_train"] == 54
