@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite exclude each other")
     cfg = load_config(args.config, args.set)
     summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     keys = ("final_test_acc", "best_val_acc", "best_val_test_acc", "train_label_acc_before", "train_label_acc_after")
     for key in keys:
         if summary.get(key) is not None:

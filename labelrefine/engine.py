@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as ddp
 from .config import RunConfig
 from .data.augment import channel_stats, make_augment
 from .errors import UserError
@@ -104,13 +104,22 @@ class Context:
         self.num_classes = num_classes
         self.cache_dir = cache_dir
         self.noise_rate = noise_rate  # the *requested* rate, which some baselines take as a hyperparameter
-        self.x = images.to(device).contiguous()
         self.y = labels.to(device)
-        self.n = self.x.shape[0]
-        self.ssl_images = images if ssl_images is None else ssl_images
+        self.n = labels.shape[0]  # global: every rank holds the labels and label state of all samples
+        # Data parallel (torchrun): this rank keeps only the images of the samples it owns.
+        self.world, self.rank = ddp.world(), ddp.rank()
+        own = ddp.owned(self.n)
+        self.x = (images[own] if self.world > 1 else images).to(device).contiguous()
+        self.local_pos = None
+        if self.world > 1:
+            self.local_pos = torch.full((self.n,), -1, dtype=torch.long, device=device)
+            self.local_pos[own.to(device)] = torch.arange(len(own), device=device)
+        self.ssl_all = images if ssl_images is None else ssl_images  # for the cache key and the statistics
+        self.ssl_n = self.ssl_all.shape[0]
+        self.ssl_images = self.ssl_all[ddp.owned(self.ssl_n)] if self.world > 1 else self.ssl_all
         self.channels, h, w = self.x.shape[1:]
         self.image_size = (h, w)
-        mean, std = channel_stats(self.ssl_images)
+        mean, std = channel_stats(self.ssl_all)
         self.mean, self.std = mean, std
         common = {"image_size": (h, w), "channels": self.channels, "mean": mean, "std": std}
         self.aug_none = make_augment("none", **common)
@@ -142,15 +151,43 @@ class Context:
     def permutation(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=self.generator).to(self.device)
 
-    def batches(self, indices: torch.Tensor, batch_size: int, *, shuffle: bool = True,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
-        """Yield index batches over ``indices`` (a 1-D LongTensor on the device)."""
-        if shuffle:
-            indices = indices[self.permutation(len(indices))]
-        n = len(indices)
-        stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            yield indices[start:start + batch_size]
+    def batches(self, indices: torch.Tensor, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
+                sample_ids: torch.Tensor | None = None, rank_counts: list[int] | None = None) -> list[torch.Tensor]:
+        """Batches over ``indices`` (a 1-D LongTensor on the device), ``batch_size`` each.
+
+        Data parallel: ``batch_size`` is the global batch. Each rank keeps the items whose
+        sample (``sample_ids``, default the items themselves) it owns, in batches of
+        ``batch_size / world``, and every rank yields the same number of batches (a rank with
+        fewer items starts over on a fresh shuffle of its own). ``rank_counts`` says instead
+        that ``indices`` are already this rank's and how many each rank has.
+        """
+        if self.world > 1:
+            if rank_counts is None:
+                ids = indices if sample_ids is None else sample_ids
+                owner = ids % self.world
+                rank_counts = torch.bincount(owner, minlength=self.world).tolist()
+                indices = indices[owner == self.rank]
+            batch_size = max(1, batch_size // self.world)
+
+        def count(n: int) -> int:
+            return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+        order = indices[self.permutation(len(indices))] if shuffle else indices
+        n = len(order)
+        out = [order[s:s + batch_size] for s in range(0, count(n) * batch_size, batch_size)]
+        out = [b for b in out if len(b)]
+        if self.world > 1:
+            steps = max(count(c) for c in rank_counts)
+            if not n:  # a rank that owns none of these items still steps with the others
+                return [indices[:0]] * steps
+            while len(out) < steps:  # equal step counts keep the gradient all-reduces in lockstep
+                extra = indices[self.permutation(n)] if shuffle else indices
+                out += [extra[s:s + batch_size] for s in range(0, n, batch_size)][: steps - len(out)]
+        return out
+
+    def local(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions in this rank's image store of the (owned) global sample indices ``index``."""
+        return index if self.local_pos is None else self.local_pos[index]
 
     def augment(self, index: torch.Tensor, strong: torch.Tensor | None = None,
                 images: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,7 +196,7 @@ class Context:
         ``strong`` (bool, same length) marks rows that get the SimCLR augmentation instead of
         the weak one - the papers' "augmented copies" of pseudo-labelled samples.
         """
-        x = (self.x if images is None else images)[index]
+        x = self.x[self.local(index)] if images is None else images[index]
         if strong is None or not bool(strong.any()):
             out = self.aug_weak(x)
         elif bool(strong.all()):
@@ -171,7 +208,14 @@ class Context:
 
     @torch.no_grad()
     def logits_all(self, model: nn.Module, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(N, C)`` of every image (eval mode, no augmentation)."""
+        """Float32 logits ``(N, C)`` of every image (eval mode, no augmentation).
+
+        ``images=None`` means the training set: data parallel, every rank scores its own part
+        and the result is gathered in global order (a collective: all ranks must call it).
+        """
+        if images is None and self.world > 1:
+            ddp.average_buffers(model)
+            return ddp.gather_rows(self.logits_all(model, self.x), self.n)
         x = self.x if images is None else images
         was_training = model.training
         model.eval()
@@ -189,7 +233,7 @@ class Context:
 
 def backbone_kwargs(cfg: RunConfig) -> dict:
     """Constructor options of the configured backbone (``tiny`` keeps its own width)."""
-    return {} if cfg.model.backbone == "tiny" else {"width": cfg.model.width}
+    return {} if cfg.model.backbone in ("tiny", "tiny_gn") else {"width": cfg.model.width}
 
 
 def lr_factor(progress: float, total: float, schedule: str, warmup: float = 0.0) -> float:
@@ -261,10 +305,10 @@ class Supervised:
         recorded = torch.full((m, ctx.num_classes), float("nan"), device=ctx.device) if record else None
         rows = torch.arange(m, device=ctx.device)
         total, count, lr = 0.0, 0, self.base_lr
-        steps = max(1, math.ceil(m / bs))
         # Drop the final partial batch (BatchNorm statistics of a few samples are noise), except
         # when every row's logits must be recorded.
-        batches = ctx.batches(rows, bs, drop_last=m > bs and not record)
+        batches = ctx.batches(rows, bs, drop_last=m > bs and not record, sample_ids=indices)
+        steps = max(1, len(batches))
         for batch_rows in progress(batches, total=steps, desc="train", unit="batch", inner=True):
             lr = self.set_lr()
             x = ctx.augment(indices[batch_rows], None if strong is None else strong[batch_rows])
@@ -291,6 +335,11 @@ class Supervised:
             count += len(batch_rows)
             self.progress += 1.0 / steps
         self.progress = round(self.progress)
+        if recorded is not None and ctx.world > 1:  # every rank filled only its own rows
+            recorded = ddp.all_reduce_sum(torch.nan_to_num(recorded, nan=0.0))
+        if ctx.world > 1:
+            sums = ddp.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
+            total, count = float(sums[0]), int(sums[1])
         return {"loss": total / max(count, 1), "lr": lr, "samples": count}, recorded
 
     def state_dict(self) -> dict:
@@ -311,12 +360,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
                    loss: torch.Tensor) -> None:
     """Backward and step, through the fp16 GradScaler when there is one."""
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
+        ddp.all_reduce_grads(params)  # data parallel: the mean gradient of the global batch
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        ddp.all_reduce_grads(params)
         optimizer.step()
 
 

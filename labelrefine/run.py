@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed as ddp
 from .config import RunConfig, config_hash, config_to_dict, dump_yaml
 from .data import ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
@@ -234,9 +235,27 @@ def _to_device(obj, device):
 def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train ``cfg.method`` as configured and write every artifact to ``out_dir``.
 
-    Returns the summary dict (also written as ``summary.json``).
+    Returns the summary dict (also written as ``summary.json``). Under ``torchrun`` every rank
+    calls this; they train data-parallel (:mod:`labelrefine.distributed`) and rank 0 alone
+    writes.
     """
-    out = Path(out_dir)
+    started_group = not ddp.enabled()
+    ddp.init_from_env(resolve_device(cfg.device).type)
+    started_group = started_group and ddp.enabled()
+    try:
+        return _run(cfg, Path(out_dir), resume=resume, overwrite=overwrite)
+    finally:
+        if started_group:
+            ddp.shutdown()
+
+
+def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> dict:
+    main = ddp.is_main()
+    if not main:
+        from . import progress as progress_mod
+
+        log.setLevel(logging.WARNING)
+        progress_mod.configure("off")
     _check_out_dir(out, resume=resume, overwrite=overwrite)
     ckpt = None
     if resume and (out / "checkpoint.pt").is_file():
@@ -248,12 +267,20 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                             f"or use --overwrite")
         log.warning("%s has no checkpoint yet: starting from the first epoch", out)
     get_method(cfg.method)  # fail on an unknown method before loading data
+    ddp.barrier()  # every rank has checked the output directory before rank 0 writes to it
     device = resolve_device(cfg.device)
+    if ddp.enabled() and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank())
+        torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cache_dir = default_cache_dir(cfg)
     t_start = time.perf_counter()
+    if not main:
+        ddp.barrier()  # rank 0 decodes first and fills the cache; the others read it
     prep = prepare_data(cfg, cache_dir)
+    if main:
+        ddp.barrier()
     t_data = time.perf_counter() - t_start
     if ckpt is not None:
         _check_checkpoint_data(out / "checkpoint.pt", ckpt, prep, cfg.data.spec)
@@ -276,16 +303,17 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         state = ckpt["engine"]
         log.info("resuming %s at epoch %d of %d", out, state["done"] + 1, len(schedule))
     else:
-        if overwrite:
+        if overwrite and main:
             for a in ARTIFACTS:
                 (out / a).unlink(missing_ok=True)
         schedule = method.schedule()
         state = {"done": 0, "best": None, "phase_seconds": {}, "metrics_lines": 0, "supervised_started": False,
                  "last_val": None, "last_test": None, "elapsed": 0.0}
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", dump_yaml(cfg))
     metrics_path = out / "metrics.jsonl"
-    _truncate_lines(metrics_path, state["metrics_lines"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", dump_yaml(cfg))
+        _truncate_lines(metrics_path, state["metrics_lines"])
 
     val_x = prep.val.images.to(device) if prep.val is not None else None
     test_x = prep.test.images.to(device) if prep.test is not None else None
@@ -310,6 +338,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             raise TrainingDiverged(f"non-finite loss in phase {spec.phase!r}, iteration {spec.iteration}, "
                                    f"epoch {spec.epoch}; the last good checkpoint is kept in {out}") from None
         dt = time.perf_counter() - t0
+        for net in method.networks().values():
+            ddp.average_buffers(net)  # BatchNorm statistics: the same model on every rank
         state["phase_seconds"][spec.phase] = state["phase_seconds"].get(spec.phase, 0.0) + dt
         record = {**spec.as_dict(), "global_epoch": i + 1, **logs, "seconds": round(dt, 3)}
         if spec.supervised:
@@ -327,7 +357,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                                               for k, v in method.networks().items()}}
         if oracle is not None:
             record.update(oracle.metrics(method.oracle_view()))
-        _append_line(metrics_path, record)
+        if main:
+            _append_line(metrics_path, record)
         state["metrics_lines"] += 1
         state["done"] = i + 1
         state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
@@ -371,9 +402,12 @@ def _truncate_lines(path: Path, keep: int) -> None:
 
 def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context, state: dict,
                      data: dict) -> None:
+    method_state = method.state_dict()  # every rank: it may gather over ranks
+    if not ddp.is_main():
+        return
     ckpt = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "config": config_to_dict(cfg), "data": data,
             "schedule": [{**s.as_dict(), "supervised": s.supervised} for s in schedule],
-            "method": method.state_dict(), "rng": _rng_state(ctx), "engine": state}
+            "method": method_state, "rng": _rng_state(ctx), "engine": state}
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -383,6 +417,8 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
     rep = {k: v.cpu() for k, v in method.label_report().items()}
     classes = prep.classes
     given = prep.train.labels
+    if not ddp.is_main():
+        return {}
     rows = []
     order = torch.argsort(rep["label_quality"], stable=True).tolist()  # suspected errors first
     for i in order:

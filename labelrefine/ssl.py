@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as ddp
 from .engine import Context, backbone_kwargs, lr_factor, optimizer_step
 from .io import atomic_path
 from .losses import nt_xent
@@ -53,7 +54,7 @@ def encoder_cache_key(ctx: Context) -> str:
     ssl = {k: v for k, v in dataclasses.asdict(cfg.ssl).items() if k != "cache"}
     blob = json.dumps({
         "version": CACHE_VERSION,
-        "images": images_fingerprint(ctx.ssl_images),
+        "images": images_fingerprint(ctx.ssl_all),
         "backbone": cfg.model.backbone,
         "backbone_kwargs": backbone_kwargs(cfg),
         "ssl": ssl,
@@ -89,7 +90,7 @@ def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
 
 def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
     path = encoder_cache_path(ctx)
-    if path is None:
+    if path is None or not ddp.is_main():
         return
     encoder = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     with atomic_path(path) as tmp:
@@ -110,7 +111,7 @@ class SimCLR:
         self.head = ProjectionHead(model.feat_dim, s.proj_hidden, s.proj_dim).to(ctx.device)
         params = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
         params += list(self.head.parameters())
-        self.batch_size = min(s.batch_size, ctx.ssl_images.shape[0])
+        self.batch_size = min(s.batch_size, ctx.ssl_n)  # global batch (data parallel: split over ranks)
         self.base_lr = s.lr * self.batch_size / 256
         self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.scaler = ctx.grad_scaler()
@@ -121,10 +122,11 @@ class SimCLR:
         ctx, s = self.ctx, self.ctx.cfg.ssl
         self.model.train()
         self.head.train()
-        n = self.images.shape[0]
-        steps = max(1, n // self.batch_size)
+        n = self.images.shape[0]  # this rank's images (all of them without data parallelism)
         total, count, lr = 0.0, 0, self.base_lr
-        batches = ctx.batches(torch.arange(n, device=ctx.device), self.batch_size, drop_last=True)
+        batches = ctx.batches(torch.arange(n, device=ctx.device), self.batch_size, drop_last=True,
+                              rank_counts=ddp.counts(ctx.ssl_n))
+        steps = max(1, len(batches))
         for idx in progress(batches, total=steps, desc="simclr", unit="batch", inner=True):
             lr = self.base_lr * lr_factor(self.progress, s.epochs, "cosine")
             for g in self.optimizer.param_groups:

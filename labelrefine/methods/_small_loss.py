@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed as ddp
 from ..data.noise import check_noise_type
 from ..engine import Context, EpochSpec, Supervised
 from ..errors import UserError
@@ -142,23 +143,33 @@ class SelectionCounter:
         self.kept.index_add_(0, picked, ones)
         self.epoch_kept.index_add_(0, picked, ones)
 
+    # Data parallel: each rank counts the samples it trains on; the views below sum over ranks
+    # (collectives: every rank calls them at the same point).
+    def _global(self, *names: str) -> list[torch.Tensor]:
+        return [ddp.all_reduce_sum(getattr(self, k).clone()) for k in names]
+
     def frequency(self) -> torch.Tensor:
         """``(N,)`` float in [0, 1]: ``1 - dropped / seen``, i.e. kept / seen; 1 for a sample never seen."""
-        dropped = (self.seen - self.kept).double()
-        return (1.0 - dropped / self.seen.clamp_min(1).double()).float()
+        seen, kept = self._global("seen", "kept")
+        dropped = (seen - kept).double()
+        return (1.0 - dropped / seen.clamp_min(1).double()).float()
 
     def epoch_selected(self) -> torch.Tensor | None:
         """``(N,)`` bool: kept by at least half of this epoch's selections it was in (None if none ran)."""
-        if not bool(self.epoch_seen.any()):
+        seen, kept = self._global("epoch_seen", "epoch_kept")
+        if not bool(seen.any()):
             return None
-        return (self.epoch_seen > 0) & (2 * self.epoch_kept >= self.epoch_seen)
+        return (seen > 0) & (2 * kept >= seen)
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "kept": self.kept, "epoch_seen": self.epoch_seen, "epoch_kept": self.epoch_kept}
+        """The global counts (data parallel: summed over ranks)."""
+        return dict(zip(("seen", "kept", "epoch_seen", "epoch_kept"),
+                        self._global("seen", "kept", "epoch_seen", "epoch_kept"), strict=True))
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seen", "kept", "epoch_seen", "epoch_kept"):
-            getattr(self, key).copy_(state[key])
+            # Data parallel: rank 0 carries the global counts, the others start from zero.
+            getattr(self, key).copy_(state[key] if ddp.is_main() else torch.zeros_like(state[key]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +232,10 @@ class SmallLossMethod(Method):
             net.train()
         n, bs = ctx.n, self.cfg.optim.batch_size
         drop_last = n > bs  # like Supervised: a batch of a few samples gives noisy BatchNorm statistics
-        steps = n // bs if drop_last else 1
         sums: dict[str, float] = {}
         count, lr = 0, 0.0
         batches = ctx.batches(self.all, bs, drop_last=drop_last)
+        steps = max(1, len(batches))
         for index in progress(batches, total=steps, desc=self.name, unit="batch", inner=True):
             lr = [t.set_lr() for t in self.trainers][0]
             x = ctx.augment(index)
@@ -252,7 +263,7 @@ class SmallLossMethod(Method):
         """Network 1 only: the papers report network 1, so it alone predicts (and is saved)."""
         return {"model": self.nets[0]}
 
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, images: torch.Tensor | None = None) -> torch.Tensor:
         return self.ctx.logits_all(self.nets[0], images)
 
     def oracle_view(self) -> dict[str, torch.Tensor]:
@@ -269,7 +280,7 @@ class SmallLossMethod(Method):
         ``label_quality`` is the fraction of the selections a sample took part in that kept it
         (:meth:`SelectionCounter.frequency`); ``n_stages_selected`` is how often it was kept.
         """
-        pred = self.predict_logits(self.ctx.x).argmax(1)
+        pred = self.predict_logits().argmax(1)
         return {"refined_label": pred, "label_quality": self.counter.frequency(),
                 "is_label_issue": pred != self.given, "n_stages_selected": self.counter.kept.clone()}
 

@@ -46,8 +46,8 @@ class Method:
         """The networks that make predictions (saved in ``model.pt``)."""
         raise NotImplementedError
 
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Float logits ``(N, C)`` for uint8 images (on any device)."""
+    def predict_logits(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Float logits ``(N, C)`` for uint8 images (on any device); ``None``: the training set."""
         nets = list(self.networks().values())
         out = self.ctx.logits_all(nets[0], images)
         for net in nets[1:]:
@@ -77,7 +77,7 @@ class Method:
         The default: the final model's softmax probability of the given label (cleanlab's
         self-confidence) as quality, its argmax as refined label, an issue when they differ.
         """
-        probs = torch.softmax(self.predict_logits(self.ctx.x), dim=1)
+        probs = torch.softmax(self.predict_logits(), dim=1)
         pred = probs.argmax(1)
         quality = probs.gather(1, self.given[:, None]).squeeze(1)
         return {"refined_label": pred, "label_quality": quality, "is_label_issue": pred != self.given,

@@ -220,7 +220,14 @@ def _load_init(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def _cycled_batches(indices: torch.Tensor, steps: int, batch_size: int, ctx: Context) -> torch.Tensor:
     """``(steps, batch_size)`` indices drawn from ``indices`` by concatenated random permutations:
-    the reference's unlabelled loader, restarted with a fresh shuffle whenever it runs out."""
+    the reference's unlabelled loader, restarted with a fresh shuffle whenever it runs out.
+
+    Data parallel: this rank's share of ``indices``, ``batch_size / world`` per step."""
+    if ctx.world > 1:
+        indices = indices[indices % ctx.world == ctx.rank]
+        batch_size = max(1, batch_size // ctx.world)
+        if not len(indices):
+            return indices.new_zeros((steps, 0))
     need = steps * batch_size
     rounds = math.ceil(need / len(indices))
     stream = torch.cat([indices[ctx.permutation(len(indices))] for _ in range(rounds)])
@@ -309,9 +316,9 @@ class DivideMix(Method):
         logs: dict[str, float] = {}
         for k, sup in enumerate(self.sups):
             sup.model.train()
-            steps = max(1, ctx.n // bs) if ctx.n > bs else 1
             total, count, lr = 0.0, 0, sup.base_lr
             batches = ctx.batches(rows, bs, drop_last=ctx.n > bs)
+            steps = max(1, len(batches))
             for idx in progress(batches, total=steps, desc=f"warmup net{k + 1}", unit="batch", inner=True):
                 lr = sup.set_lr()
                 x = ctx.augment(idx)
@@ -380,8 +387,12 @@ class DivideMix(Method):
         bs, T, C = ctx.cfg.optim.batch_size, d.temperature, ctx.num_classes
         lab = labelled.nonzero().flatten()
         unl = (~labelled).nonzero().flatten()
-        steps = math.ceil(len(lab) / bs) if len(lab) else math.ceil(len(unl) / bs)
-        lab_batches = list(ctx.batches(lab, bs)) if len(lab) else [lab[:0]] * steps
+        if len(lab):
+            lab_batches = ctx.batches(lab, bs)
+            steps = len(lab_batches)
+        else:
+            steps = len(ctx.batches(unl, bs, shuffle=False))
+            lab_batches = [lab[:0]] * steps
         unl_batches = _cycled_batches(unl, steps, bs, ctx) if len(unl) else unl[:0].expand(steps, 0)
         net.train()
         other.eval()  # the other net only guesses (co-guessing), in inference mode as in the reference
@@ -450,7 +461,7 @@ class DivideMix(Method):
         nets; refined label = argmax of the summed logits; an issue when quality < p_threshold."""
         prob = self.prob if self.prob is not None else self.clean_probs()
         quality = prob.mean(0).clamp(0.0, 1.0)
-        refined = self.predict_logits(self.ctx.x).argmax(1)
+        refined = self.predict_logits().argmax(1)
         return {"refined_label": refined, "label_quality": quality,
                 "is_label_issue": quality < self.cfg.dividemix.p_threshold,
                 "n_stages_selected": torch.zeros_like(self.given)}

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .. import distributed as ddp
 from ..engine import Context, EpochSpec, Supervised
 from ..losses import per_sample_ce
 from . import register
@@ -33,7 +34,8 @@ def update_moving_percentile(moving: torch.Tensor | None, losses: torch.Tensor, 
         percentile: in [0, 100] (MentorNet-PD: 75); linear interpolation between order statistics.
         momentum: ``m`` in [0, 1).
     """
-    q = torch.quantile(losses.detach().float(), percentile / 100.0)
+    # Data parallel: the percentile of the whole global batch, not of this rank's part.
+    q = torch.quantile(ddp.all_gather_cat(losses.detach().float()), percentile / 100.0)
     return q if moving is None else momentum * moving + (1.0 - momentum) * q
 
 

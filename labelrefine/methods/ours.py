@@ -146,7 +146,7 @@ class Ours(Method):
 
     def label_report(self) -> dict[str, torch.Tensor]:
         """Refined label = the final training label; quality = the final model's p(given label)."""
-        probs = torch.softmax(self.predict_logits(self.ctx.x), dim=1)
+        probs = torch.softmax(self.predict_logits(), dim=1)
         quality = probs.gather(1, self.given[:, None]).squeeze(1)
         return {"refined_label": self.labels.clone(), "label_quality": quality,
                 "is_label_issue": self.labels != self.given, "n_stages_selected": self.n_stages.clone()}

@@ -230,14 +230,18 @@ class TinyConvNet(Classifier):
     8×8 images takes milliseconds.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16):
+    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16, group_norm: bool = False):
         super().__init__()
+
+        def norm(c: int) -> nn.Module:
+            return nn.GroupNorm(4, c) if group_norm else nn.BatchNorm2d(c)
+
         self.body = nn.Sequential(
             _conv3x3(in_channels, width),
-            nn.BatchNorm2d(width),
+            norm(width),
             nn.ReLU(inplace=True),
             _conv3x3(width, 2 * width, stride=2),
-            nn.BatchNorm2d(2 * width),
+            norm(2 * width),
             nn.ReLU(inplace=True),
         )
         self._init_head(2 * width, num_classes)
@@ -287,6 +291,12 @@ def resnet34_cifar(*, in_channels: int, num_classes: int, width: int = 64) -> Cl
 def tiny(*, in_channels: int, num_classes: int, width: int = 16) -> Classifier:
     """Two conv blocks and a global pool: for tests and smoke runs only."""
     return TinyConvNet(in_channels=in_channels, num_classes=num_classes, width=width)
+
+
+@register_backbone("tiny_gn")
+def tiny_gn(*, in_channels: int, num_classes: int, width: int = 16) -> Classifier:
+    """``tiny`` with GroupNorm: no batch statistics, so data-parallel training can equal one process exactly."""
+    return TinyConvNet(in_channels=in_channels, num_classes=num_classes, width=width, group_norm=True)
 
 
 def list_backbones() -> list[str]:

@@ -1,0 +1,162 @@
+"""Data-parallel training over processes: ``torchrun --nproc_per_node=N -m labelrefine run ...``.
+
+The algorithm is PyTorch DDP's: every rank holds the same model, computes gradients on its own
+part of each global batch, and the gradients are averaged with one all-reduce per step before
+the optimizer step, so the weights stay identical on every rank. It is done here with explicit
+collectives (:func:`all_reduce_grads`) instead of the ``DistributedDataParallel`` wrapper so
+that methods keep plain modules (their state dicts, the SimCLR encoder cache and the two-net
+baselines need no ``module.`` prefixes and no wrapper-aware code).
+
+Sharding: rank ``r`` of ``w`` owns the training samples whose global index ``i`` has
+``i % w == r`` and keeps only their images on its device. Everything that decides over the data
+set - stage losses, selections, consensus, DivideMix's GMM, the label report - works on logits
+gathered from every rank in global order (:func:`gather_rows`), so those decisions are global,
+and every rank holds the same (global) label state. BatchNorm running statistics are averaged
+over ranks before every whole-set evaluation (:func:`average_buffers`).
+
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_from_env(device_type: str) -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def enabled() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if enabled() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if enabled() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if enabled():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if enabled():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def owned(n: int, r: int | None = None, w: int | None = None) -> torch.Tensor:
+    """Global indices that rank ``r`` of ``w`` owns among ``n`` samples: ``r, r + w, ...``."""
+    r = rank() if r is None else r
+    w = world() if w is None else w
+    return torch.arange(r, n, w)
+
+
+def counts(n: int) -> list[int]:
+    """How many of ``n`` samples each rank owns."""
+    w = world()
+    return [len(range(r, n, w)) for r in range(w)]
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of every rank, in global order: ``out[i] = local_of_rank(i % w)[i // w]``.
+
+    ``local`` holds this rank's rows (``len(owned(n))`` of them); the result has ``n`` rows and
+    is the same on every rank.
+    """
+    if not enabled():
+        return local
+    w = world()
+    size = -(-n // w)
+    pad = local.new_zeros((size, *local.shape[1:]))
+    pad[: local.shape[0]] = local
+    parts = [torch.empty_like(pad) for _ in range(w)]
+    dist.all_gather(parts, pad.contiguous())
+    out = local.new_empty((n, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        out[r::w] = part[: len(range(r, n, w))]
+    return out
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of (possibly) different lengths over ranks, in rank order."""
+    if not enabled():
+        return t
+    sizes = torch.zeros(world(), dtype=torch.long, device=t.device)
+    sizes[rank()] = len(t)
+    dist.all_reduce(sizes)
+    pad = t.new_zeros(int(sizes.max()))
+    pad[: len(t)] = t
+    parts = [torch.empty_like(pad) for _ in range(world())]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes.tolist(), strict=True)])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if enabled():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_grads(params) -> None:
+    """Average the gradients of ``params`` over ranks with one flat all-reduce (DDP's step)."""
+    if not enabled():
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world()
+    offset = 0
+    for p in params:
+        k = p.numel()
+        p.grad = flat[offset:offset + k].view_as(p).clone()
+        offset += k
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks."""
+    if not enabled():
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world()
+    offset = 0
+    for b in bufs:
+        k = b.numel()
+        b.copy_(flat[offset:offset + k].view_as(b))
+        offset += k
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Make every rank's parameters and buffers equal to rank 0's."""
+    if not enabled():
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
