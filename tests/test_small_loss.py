@@ -108,7 +108,7 @@ def test_coteaching_updates_each_net_on_its_peers_selection(tiny_config):
     assert logs["kept_fraction"] == pytest.approx(int(0.5 * ctx.n) / ctx.n)
 
     ctx.generator.set_state(batch_state)
-    index = next(ctx.batches(m.all, 512))
+    index = ctx.batches(m.all, 512)[0]
     x, y = ctx.augment(index), m.given[index]
     logits = [net.train()(x).float() for net in before]
     per = [F.cross_entropy(z, y, reduction="none") for z in logits]
