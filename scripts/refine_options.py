@@ -20,19 +20,21 @@ from pathlib import Path
 from labelrefine.config import load_config
 from labelrefine.run import run
 
+# Every variant before the 0.3 row ran with threshold 1.0 (the papers' value, then the default).
+P1 = ["refine.threshold=1.0", "refine.loss_target=prediction"]
 VARIANTS = {
-    "label target (papers, literal)": ["refine.loss_target=label"],
-    "label target, no agreement": ["refine.loss_target=label", "refine.require_agreement=false"],
-    "prediction target": ["refine.loss_target=prediction"],
-    "prediction, threshold 0.3 (max p > 0.74)": ["refine.loss_target=prediction", "refine.threshold=0.3"],
+    "label target (papers, literal)": ["refine.threshold=1.0", "refine.loss_target=label"],
+    "label target, no agreement": ["refine.threshold=1.0", "refine.loss_target=label",
+                                   "refine.require_agreement=false"],
+    "prediction target, threshold 1.0 (max p > 0.37)": P1,
+    "prediction, threshold 0.3 (max p > 0.74; the default)": ["refine.loss_target=prediction", "refine.threshold=0.3"],
     "prediction, threshold 0.1 (max p > 0.90)": ["refine.loss_target=prediction", "refine.threshold=0.1"],
-    "prediction, no agreement": ["refine.loss_target=prediction", "refine.require_agreement=false"],
-    "prediction, label from last stage": ["refine.loss_target=prediction", "refine.label_source=last"],
-    "prediction, class-quantile 0.7": ["refine.loss_target=prediction", "refine.threshold_mode=class_quantile",
-                                       "refine.quantile=0.7"],
-    "prediction, no augmented copies": ["refine.loss_target=prediction", "refine.augment_copies=false"],
-    "prediction, fine-tune weight p(target)": ["refine.loss_target=prediction", "finetune.weight=target_prob"],
-    "prediction, plain-CE fine-tune": ["refine.loss_target=prediction", "finetune.loss=ce"],
+    "prediction, no agreement": [*P1, "refine.require_agreement=false"],
+    "prediction, label from last stage": [*P1, "refine.label_source=last"],
+    "prediction, class-quantile 0.7": [*P1, "refine.threshold_mode=class_quantile", "refine.quantile=0.7"],
+    "prediction, no augmented copies": [*P1, "refine.augment_copies=false"],
+    "prediction, fine-tune weight p(target)": [*P1, "finetune.weight=target_prob"],
+    "prediction, plain-CE fine-tune": [*P1, "finetune.loss=ce"],
     "CE (same budget)": ["method=ce"],
     "CE + SSL init (same budget)": ["method=ce_ssl"],
 }
