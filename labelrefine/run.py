@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from . import distributed as ddp
 from .config import RunConfig, config_hash, config_to_dict, dump_yaml
-from .data import ImageSet
+from .data import DataSplits, ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
 from .engine import Context, EpochSpec, backbone_kwargs, resolve_device
 from .errors import UserError
@@ -103,12 +103,14 @@ class Prepared:
     train_clean: torch.Tensor | None  # clean labels of ``train``, for the oracle only
 
 
-def prepare_data(cfg: RunConfig, cache_dir: str) -> Prepared:
+def prepare_data(cfg: RunConfig, cache_dir: str, data: DataSplits | None = None) -> Prepared:
+    """Load ``cfg.data.spec`` (or take ``data``, already in memory), apply the noise, carve the noisy val split."""
     from .data.sources import load_data
 
     d = cfg.data
     takes_rate = check_noise_type(d.noise)
-    data = load_data(d.spec, cache_dir=cache_dir)
+    if data is None:
+        data = load_data(d.spec, cache_dir=cache_dir)
     train = data.train
     if data.val is not None:
         log.info("%s: the data set's own val split (%d samples) is not used: model selection uses a split "
@@ -232,24 +234,26 @@ def _to_device(obj, device):
     return obj
 
 
-def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        data: DataSplits | None = None) -> dict:
     """Train ``cfg.method`` as configured and write every artifact to ``out_dir``.
 
     Returns the summary dict (also written as ``summary.json``). Under ``torchrun`` every rank
     calls this; they train data-parallel (:mod:`labelrefine.distributed`) and rank 0 alone
-    writes.
+    writes. ``data`` gives the data set in memory instead of loading ``cfg.data.spec`` (the
+    Python API; ``cfg.data.spec`` then only names it).
     """
     started_group = not ddp.enabled()
     ddp.init_from_env(resolve_device(cfg.device).type)
     started_group = started_group and ddp.enabled()
     try:
-        return _run(cfg, Path(out_dir), resume=resume, overwrite=overwrite)
+        return _run(cfg, Path(out_dir), resume=resume, overwrite=overwrite, data=data)
     finally:
         if started_group:
             ddp.shutdown()
 
 
-def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> dict:
+def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: DataSplits | None) -> dict:
     main = ddp.is_main()
     if not main:
         from . import progress as progress_mod
@@ -278,7 +282,7 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> dict:
     t_start = time.perf_counter()
     if not main:
         ddp.barrier()  # rank 0 decodes first and fills the cache; the others read it
-    prep = prepare_data(cfg, cache_dir)
+    prep = prepare_data(cfg, cache_dir, data)
     if main:
         ddp.barrier()
     t_data = time.perf_counter() - t_start

@@ -1,0 +1,210 @@
+"""The Python API: find the wrong labels of an in-memory data set, or fit a model that resists them.
+
+    import labelrefine
+    issues = labelrefine.find_label_issues(images, labels)          # a pandas DataFrame, like labels.csv
+    model = labelrefine.fit(images, labels)                          # a Predictor
+
+Both run the method (``ours``) with the same defaults as ``labelrefine clean``, chosen from the
+data's size and resolution and the device (:func:`auto_settings`); ``overrides`` (``KEY=VALUE``
+strings, as ``--set``) change any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from .data import DataSplits, ImageSet
+from .engine import resolve_device
+from .errors import UserError
+
+log = logging.getLogger("labelrefine")
+
+LABEL_COLUMNS = ["id", "given_label", "refined_label", "label_quality", "is_label_issue", "n_stages_selected"]
+
+
+def auto_settings(n_train: int, image_size: tuple[int, int], channels: int, device_type: str) -> list[tuple[str, str]]:
+    """``(KEY=VALUE, reason)`` pairs: the run defaults ``clean`` and the API choose for a data set.
+
+    On a GPU: the papers' schedule (SimCLR 30 epochs, warmup 5, stages (2,3,4) then (2,5,7),
+    fine-tune 10) at the full width 64. On a CPU: the ``cpu-pneumonia`` benchmark profile (width
+    8, SimCLR 10, warmup 2, stages (1,2), fine-tune 2), whose numbers are in the README.
+    """
+    out: list[tuple[str, str]] = [("method=ours", "the method: SimCLR + refinement + weighted fine-tune"),
+                                  ("data.noise=none", "the labels are used as given")]
+    val = 0.1 if n_train < 20000 else 0.05
+    out.append((f"data.val_fraction={val}", f"{val:.0%} of the given labels held out to select the epoch"))
+    out.append((f"flip={'true' if channels == 3 else 'false'}",
+                "horizontal flips for colour images; off for grayscale (X-rays, digits: orientation matters)"))
+    if device_type == "cuda":
+        out += [("model.width=64", "GPU: the papers' ResNet-18 width"), ("ssl.epochs=30", "GPU: the papers' schedule"),
+                ("refine.warmup_epochs=5", "GPU: the papers' schedule"), ("finetune.epochs=10", "GPU")]
+    else:
+        out += [("model.width=8", "CPU: the cpu-pneumonia benchmark profile"), ("ssl.epochs=10", "CPU profile"),
+                ("refine.warmup_epochs=2", "CPU profile"), ("refine.first_stages=[1, 2]", "CPU profile"),
+                ("refine.later_stages=[1, 2]", "CPU profile"), ("finetune.epochs=2", "CPU profile"),
+                ("optim.lr=0.05", "CPU profile"), ("optim.batch_size=128", "CPU profile")]
+    if max(image_size) > 128:
+        log.warning("images are %dx%d: training at this resolution is slow%s; add ,size=64 (or another size) to "
+                    "the data spec to resize them", *image_size, " on a CPU" if device_type != "cuda" else "")
+    return out
+
+
+def config_for(train: ImageSet, *, device: str = "auto", config: str | Path | RunConfig | None = None,
+               overrides: Sequence[str] = ()) -> tuple[RunConfig, list[tuple[str, str]]]:
+    """The run config for ``train``: the automatic settings (or ``config``, a file or a
+    :class:`RunConfig`, instead), then ``overrides``. Also returns the automatic choices made."""
+    if isinstance(config, RunConfig):
+        data = apply_overrides(config_to_dict(config), list(overrides))
+        return config_from_dict(data), []
+    if config is not None:
+        return load_config(config, list(overrides)), []
+    chosen = auto_settings(len(train), train.shape[1:], train.shape[0], resolve_device(device).type)
+    return load_config(None, [k for k, _ in chosen] + [f"device={device}", *overrides]), chosen
+
+
+def as_image_tensor(images: Any, what: str = "images") -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` from numpy/torch ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``, C in {1, 3}.
+
+    Floats must be in [0, 1] (scaled by 255) or already in [0, 255] with integer values.
+    """
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4:
+        raise UserError(f"{what}: expected an array of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                        f"got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):
+        raise UserError(f"{what}: expected 1 or 3 channels, got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        if not (x.dtype.is_floating_point or x.dtype in (torch.int16, torch.int32, torch.int64)):
+            raise UserError(f"{what}: unsupported dtype {x.dtype}")
+        xf = x.double()
+        if not bool(torch.isfinite(xf).all()):
+            raise UserError(f"{what}: contains NaN or infinite values")
+        if x.dtype.is_floating_point and float(xf.max()) <= 1.0:
+            xf = xf * 255.0
+        if float(xf.min()) < 0 or float(xf.max()) > 255:
+            raise UserError(f"{what}: values must lie in [0, 1] (floats) or [0, 255], got "
+                            f"[{float(xf.min()):g}, {float(xf.max()):g}]")
+        x = xf.round().to(torch.uint8)
+    return x.contiguous()
+
+
+def _as_labels(labels: Any, n: int, classes: Sequence[str] | None, what: str = "labels") -> tuple[torch.Tensor,
+                                                                                                   list[str]]:
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or len(arr) != n:
+        raise UserError(f"{what}: expected {n} labels (one per image), got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        k = int(arr.max()) + 1 if n else 0
+        names = list(classes) if classes is not None else [str(c) for c in range(k)]
+        if n and (arr.min() < 0 or arr.max() >= len(names)):
+            raise UserError(f"{what}: label {int(arr.max() if arr.max() >= len(names) else arr.min())} is outside "
+                            f"[0, {len(names)})")
+        return torch.as_tensor(arr.astype(np.int64)), names
+    if arr.dtype.kind in "UO":
+        values = [str(v) for v in arr.tolist()]
+        names = list(classes) if classes is not None else sorted(set(values))
+        index = {c: i for i, c in enumerate(names)}
+        missing = [v for v in values if v not in index]
+        if missing:
+            raise UserError(f"{what}: label {missing[0]!r} is not one of the classes {names}")
+        return torch.tensor([index[v] for v in values], dtype=torch.int64), names
+    raise UserError(f"{what}: expected integer class indices or class names, got dtype {arr.dtype}")
+
+
+def make_data(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
+              test_labels: Any = None, ids: Sequence[str] | None = None, name: str = "array") -> DataSplits:
+    """An in-memory :class:`DataSplits` from arrays (ids default to each image's position)."""
+    x = as_image_tensor(images)
+    y, names = _as_labels(labels, x.shape[0], classes)
+    ids = [str(i) for i in range(x.shape[0])] if ids is None else [str(i) for i in ids]
+    train = ImageSet(x, y, names, ids)
+    test = None
+    if test_images is not None:
+        tx = as_image_tensor(test_images, "test_images")
+        if test_labels is None:
+            raise UserError("test_images given without test_labels")
+        ty, _ = _as_labels(test_labels, tx.shape[0], names, "test_labels")
+        test = ImageSet(tx, ty, names, [f"test/{i}" for i in range(tx.shape[0])])
+    return DataSplits(name, train, test)
+
+
+def _train(images, labels, *, classes, test_images, test_labels, config, overrides, out, device, seed):
+    from .run import run
+
+    data = make_data(images, labels, classes=classes, test_images=test_images, test_labels=test_labels)
+    cfg, _ = config_for(data.train, device=device, config=config,
+                        overrides=["data.spec=array", f"seed={seed}", *overrides])
+    tmp = None
+    if out is None:
+        tmp = tempfile.mkdtemp(prefix="labelrefine-")
+        out = tmp
+    run(cfg, out, overwrite=True, data=data)
+    return Path(out), tmp
+
+
+def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
+                      test_labels: Any = None, config: str | Path | RunConfig | None = None,
+                      overrides: Sequence[str] = (), out: str | Path | None = None, device: str = "auto",
+                      seed: int = 0):
+    """Train the method on ``(images, labels)`` and return its ``labels.csv`` as a pandas DataFrame.
+
+    Args:
+        images: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` array (uint8, or floats in [0, 1]).
+        labels: ``(N,)`` class indices or class names (the given, possibly wrong labels).
+        classes: class names (default: ``0..C-1``, or the sorted distinct names).
+        test_images, test_labels: an optional labelled test set, only reported.
+        config: a config file or :class:`RunConfig` instead of the automatic settings.
+        overrides: ``KEY=VALUE`` strings applied last (``["refine.threshold=0.5"]``).
+        out: keep every artifact (report.html, model.pt, ...) in this directory; default: a
+            temporary directory, removed afterwards.
+
+    Returns:
+        One row per image, suspected errors first: ``id`` (the image's position in ``images``,
+        as in labels.csv), ``given_label``, ``refined_label`` (class names), ``label_quality``
+        (low = likely wrong), ``is_label_issue``, ``n_stages_selected``.
+    """
+    import pandas as pd
+
+    path, tmp = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
+                       config=config, overrides=overrides, out=out, device=device, seed=seed)
+    try:
+        table = pd.read_csv(path / "labels.csv", dtype={"id": str, "given_label": str, "refined_label": str},
+                            keep_default_na=False)
+        table["is_label_issue"] = table["is_label_issue"].map({"True": True, "False": False, True: True,
+                                                               False: False}).astype(bool)
+        return table
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fit(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
+        test_labels: Any = None, config: str | Path | RunConfig | None = None, overrides: Sequence[str] = (),
+        out: str | Path | None = None, device: str = "auto", seed: int = 0):
+    """Train the method as :func:`find_label_issues` does; return the model (a :class:`~labelrefine.predict.Predictor`).
+
+    The model is the epoch with the best accuracy on the held-out (noisy) validation split;
+    ``model.predict_proba(labelrefine.api.as_image_tensor(x))`` gives class probabilities.
+    """
+    from .predict import load_model
+
+    path, tmp = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
+                       config=config, overrides=overrides, out=out, device=device, seed=seed)
+    try:
+        return load_model(path / "model.pt")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

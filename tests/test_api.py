@@ -1,0 +1,154 @@
+"""The user's path: `labelrefine clean`, `find_label_issues`, `fit`, and the README's API example."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import labelrefine
+from labelrefine.api import LABEL_COLUMNS, as_image_tensor, auto_settings, make_data
+from labelrefine.cli import main
+from labelrefine.errors import UserError
+
+# Fast settings for tests (the automatic ones are sized for real data).
+FAST = ["model.backbone=tiny", "ssl.epochs=1", "refine.warmup_epochs=1", "refine.iterations=1",
+        "refine.first_stages=[1]", "finetune.epochs=1", "optim.batch_size=64"]
+
+
+def _digits(n: int = 240):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[:n] * (255 / 16)).round().astype(np.uint8)  # (n, 8, 8)
+    return x, d.target[:n].copy()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+
+
+def test_find_label_issues_returns_the_labels_csv_table(tmp_path):
+    x, y = _digits()
+    rng = np.random.default_rng(0)
+    noisy = y.copy()
+    flip = rng.choice(len(y), 24, replace=False)
+    noisy[flip] = (noisy[flip] + 1) % 10
+    out = tmp_path / "run"
+    table = labelrefine.find_label_issues(x, noisy, overrides=FAST, out=out)
+    assert list(table.columns) == LABEL_COLUMNS
+    assert len(table) == int(round(len(y) * 0.9))  # 10% held out as the noisy validation split
+    assert table["label_quality"].is_monotonic_increasing  # suspected errors first
+    assert table["is_label_issue"].dtype == bool
+    # the same table as labels.csv
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    assert table["id"].tolist() == [r["id"] for r in rows]
+    assert table["refined_label"].tolist() == [r["refined_label"] for r in rows]
+    # ids are positions in the input arrays; given labels are the noisy ones passed in
+    for _, r in table.head(20).iterrows():
+        assert r["given_label"] == str(noisy[int(r["id"])])
+    assert (out / "report.html").is_file() and (out / "model.pt").is_file()
+
+
+def test_fit_returns_a_model_and_cleans_up(tmp_path):
+    x, y = _digits()
+    names = [f"digit {d}" for d in range(10)]
+    before = set(Path(tmp_path).iterdir())
+    model = labelrefine.fit(x[..., None], np.array(names)[y], classes=names, overrides=FAST)  # NHWC, class names
+    assert model.classes == names and model.in_channels == 1 and model.image_size == (8, 8)
+    probs = model.predict_proba(as_image_tensor(x[:16]))
+    assert probs.shape == (16, 10)
+    assert torch.allclose(probs.sum(1), torch.ones(16), atol=1e-5)
+    assert set(Path(tmp_path).iterdir()) == before  # no artifacts left without out=
+
+
+def test_array_conversions_and_errors():
+    x = np.zeros((4, 3, 5, 6), np.uint8)
+    assert as_image_tensor(x).shape == (4, 3, 5, 6)
+    assert as_image_tensor(np.zeros((4, 5, 6, 3), np.uint8)).shape == (4, 3, 5, 6)
+    assert as_image_tensor(np.full((2, 5, 6), 1.0, np.float32)).max() == 255
+    data = make_data(np.zeros((3, 4, 4), np.uint8), ["b", "a", "b"])
+    assert data.train.classes == ["a", "b"] and data.train.labels.tolist() == [1, 0, 1]
+    for bad, msg in [((np.zeros((4, 5)), [0] * 4), "shape"), ((np.zeros((4, 2, 5, 5)), [0] * 4), "channels"),
+                     ((np.full((2, 4, 4), 300.0), [0, 1]), r"\[0, 255\]"),
+                     ((np.full((2, 4, 4), np.nan), [0, 1]), "NaN"),
+                     ((np.zeros((3, 4, 4), np.uint8), [0, 1]), "expected 3 labels"),
+                     ((np.zeros((2, 4, 4), np.uint8), [0, -1]), "outside")]:
+        with pytest.raises(UserError, match=msg):
+            make_data(*bad)
+    with pytest.raises(UserError, match="not one of the classes"):
+        make_data(np.zeros((2, 4, 4), np.uint8), ["a", "c"], classes=["a", "b"])
+
+
+def test_auto_settings_depend_on_device_and_channels():
+    cpu = dict(auto_settings(5000, (28, 28), 1, "cpu"))
+    gpu = dict(auto_settings(50000, (32, 32), 3, "cuda"))
+    assert "model.width=8" in cpu and "flip=false" in cpu and "data.val_fraction=0.1" in cpu
+    assert "model.width=64" in gpu and "ssl.epochs=30" in gpu and "flip=true" in gpu
+    assert "data.val_fraction=0.05" in gpu
+
+
+def _folder(root: Path, n_per_class: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_per_class), ("test", 5)):
+        for c, name in enumerate(["cat", "dog"]):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 80, (12, 12, 3), dtype=np.uint8) + np.uint8(120 * c)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def test_clean_cli_on_an_imagefolder(tmp_path, capsys):
+    data = _folder(tmp_path / "pets")
+    out = tmp_path / "out"
+    args = ["clean", "--data", f"imagefolder:{data}", "--out", str(out), *sum((["--set", s] for s in FAST), [])]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "40 training images, 12x12, 3 channel(s), 2 classes" in printed
+    assert "settings chosen for this data" in printed and "model.width=8" in printed
+    assert "ranked table:" in printed and "suspected label errors:" in printed
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    quality = [float(r["label_quality"]) for r in rows]
+    assert quality == sorted(quality) and len(rows) == 36
+    assert all(r["id"].startswith("train/") for r in rows)
+    for name in ("report.html", "model.pt", "summary.json"):
+        assert (out / name).is_file()
+    # the directory now holds a run: refused without --resume/--overwrite, nothing changed
+    stamp = (out / "labels.csv").stat().st_mtime_ns
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "labels.csv").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "imagefolder:nowhere"], "nowhere"),
+    (["--data", "digits", "--set", "optim.lr=-1"], "optim.lr"),
+    (["--data", "digits", "--set", "bogus=1"], "unknown config key 'bogus'"),
+])
+def test_clean_cli_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["clean", *args, "--out", "o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    """The README's Python API block, run as written (in a scratch directory)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    issues = namespace["issues"]
+    assert list(issues.columns) == LABEL_COLUMNS and len(issues) > 0
+    assert namespace["model"].classes
