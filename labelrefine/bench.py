@@ -278,10 +278,17 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
         except TrainingDiverged as e:
             log.error("%s: %s", r.label, e)
             failures[k] = "diverged"
+        except UserError as e:  # one run's bad setting must not stop the others
+            log.error("%s: %s", r.label, e)
+            failures[k] = "error"
         write_results(suite, out, runs, failures, command=command, seeds=seeds)
     rows = write_results(suite, out, runs, failures, command=command, seeds=seeds)
     log.info("suite %s: done in %.1f min (this invocation); results in %s", suite.name,
              (time.perf_counter() - t0) / 60, out / "results.md")
+    if failures:
+        raise UserError(f"suite {suite.name}: {len(failures)} run(s) failed: "
+                        + ", ".join(f"{runs[k].label} ({v})" for k, v in failures.items())
+                        + f"; the others are in {out / 'results.md'}")
     return rows
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.noise import check_noise_type
 from ..engine import Context, EpochSpec, Supervised
 from ..errors import UserError
 from ..losses import mixup, sharpen, soft_ce
@@ -281,6 +282,10 @@ class DivideMix(Method):
                 _load_init(net, init_state)
         self.ssl = SSLInit(ctx, nets[0]) if ssl else None
         self.sups = [Supervised(ctx, len(self.specs), model=net) for net in nets]
+        if d.lambda_u < 0 and not check_noise_type(self.cfg.data.noise):
+            raise UserError(f"config key 'dividemix.lambda_u': -1 takes lambda_u from data.noise_rate, which "
+                            f"data.noise={self.cfg.data.noise!r} does not use; set dividemix.lambda_u (Li et al.: 0 "
+                            f"below 35% noise, 25 up to 70%, 150 above)")
         self.lambda_max = d.lambda_u if d.lambda_u >= 0 else default_lambda_u(ctx.noise_rate, self.cfg.data.noise)
         # The reference adds a confidence penalty to the warmup CE under asymmetric noise only.
         self.warmup_penalty = self.cfg.data.noise == "pairflip"
