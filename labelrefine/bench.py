@@ -481,7 +481,9 @@ def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int
     relabel = [m for m in methods if any(after.get((s, m), (None,))[0] != before.get((s, m), (None,))[0]
                                          for s in settings if (s, m) in after)]
     if relabel:
-        lines += ["## Training-label accuracy (%) before → after refinement", "",
+        lines += ["## Training-label accuracy (%): the given labels → the method's final labels", "",
+                  "`ours`: its refined training labels; `ours_dividemix` and the baselines: the final model's "
+                  "predictions on the training images. Against the clean labels.", "",
                   "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
         for m in relabel:
             cellsx = []
