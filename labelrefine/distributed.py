@@ -119,6 +119,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _mean_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor, flattened, with one all-reduce for all of them."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world()
+    return list(torch.split(flat, [t.numel() for t in tensors]))
+
+
 def all_reduce_grads(params) -> None:
     """Average the gradients of ``params`` over ranks with one flat all-reduce (DDP's step)."""
     if not enabled():
@@ -127,14 +135,8 @@ def all_reduce_grads(params) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world()
-    offset = 0
-    for p in params:
-        k = p.numel()
-        p.grad = flat[offset:offset + k].view_as(p).clone()
-        offset += k
+    for p, mean in zip(params, _mean_over_ranks(grads), strict=True):
+        p.grad = mean.view_as(p).clone()
 
 
 def average_buffers(module: nn.Module) -> None:
@@ -144,14 +146,8 @@ def average_buffers(module: nn.Module) -> None:
     bufs = [b for b in module.buffers() if b.is_floating_point()]
     if not bufs:
         return
-    flat = torch.cat([b.reshape(-1) for b in bufs])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world()
-    offset = 0
-    for b in bufs:
-        k = b.numel()
-        b.copy_(flat[offset:offset + k].view_as(b))
-        offset += k
+    for b, mean in zip(bufs, _mean_over_ranks(bufs), strict=True):
+        b.copy_(mean.view_as(b))
 
 
 def broadcast_module(module: nn.Module) -> None:
