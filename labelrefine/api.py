@@ -151,7 +151,7 @@ def _train(images, labels, *, classes, test_images, test_labels, config, overrid
     if out is None:
         tmp = tempfile.mkdtemp(prefix="labelrefine-")
         out = tmp
-    run(cfg, out, overwrite=True, data=data)
+    run(cfg, out, data=data)  # a directory that already holds a run is refused, never overwritten
     return Path(out), tmp
 
 
@@ -168,8 +168,8 @@ def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None
         test_images, test_labels: an optional labelled test set, only reported.
         config: a config file or :class:`RunConfig` instead of the automatic settings.
         overrides: ``KEY=VALUE`` strings applied last (``["refine.threshold=0.5"]``).
-        out: keep every artifact (report.html, model.pt, ...) in this directory; default: a
-            temporary directory, removed afterwards.
+        out: keep every artifact (report.html, model.pt, ...) in this directory (one that already
+            holds a run is refused); default: a temporary directory, removed afterwards.
 
     Returns:
         One row per image, suspected errors first: ``id`` (the image's position in ``images``,

@@ -228,7 +228,7 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
 # Running
 
 
-def _status(r: PlannedRun, overwrite: bool) -> str:
+def _status(r: PlannedRun) -> str:
     """cached | resume | new | stale (another config; an error unless overwrite)."""
     summary = r.out / "summary.json"
     if summary.is_file():
@@ -253,7 +253,7 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
 
     out = Path(out)
     runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
-    statuses = [_status(r, overwrite) for r in runs]
+    statuses = [_status(r) for r in runs]
     stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
     if stale and not overwrite:
         raise UserError(f"{stale[0].out} holds a run made with another config; pass --overwrite to rerun "

@@ -54,6 +54,8 @@ def test_find_label_issues_returns_the_labels_csv_table(tmp_path):
     for _, r in table.head(20).iterrows():
         assert r["given_label"] == str(noisy[int(r["id"])])
     assert (out / "report.html").is_file() and (out / "model.pt").is_file()
+    with pytest.raises(UserError, match="already holds a run"):  # never overwritten
+        labelrefine.find_label_issues(x, noisy, overrides=FAST, out=out)
 
 
 def test_fit_returns_a_model_and_cleans_up(tmp_path):

@@ -137,7 +137,7 @@ def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypa
     run_suite(suite, out, seeds=1, command="x")
     summary = runs[1].out / "summary.json"
     summary.unlink()
-    assert bench._status(runs[1], False) == "resume"
+    assert bench._status(runs[1]) == "resume"
     calls = []
     monkeypatch.setattr("labelrefine.run.run", lambda cfg, o, **k: calls.append(k) or run(cfg, o, **k))
     run_suite(suite, out, seeds=1, command="x")
