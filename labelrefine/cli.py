@@ -148,18 +148,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
             suite = load_suite(str(path))
             budget = f" (~{suite.budget_minutes} min here)" if suite.budget_minutes else ""
             print(f"{name:<16} {suite.title}{budget}")
+        print(f"{'speed':<16} Training speed: step vs model limit, SimCLR vs a DataLoader pipeline, method cost, "
+              f"scaling, memory (~10 min here)")
         return 0
     if not args.suite:
         raise UserError("bench: give a SUITE (see labelrefine bench --list)")
     if not args.out:
         raise UserError("bench: --out DIR is required")
-    suite = load_suite(args.suite)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     command = "labelrefine bench " + " ".join(shlex.quote(a) for a in args.argv_tail)
+    if args.suite == SPEED:
+        return _bench_speed(args, methods, command)
+    suite = load_suite(args.suite)
     run_suite(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
               overwrite=args.overwrite, dry_run=args.dry_run, command=command)
     if not args.dry_run:
         print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
+    return 0
+
+
+SPEED = "speed"  # `labelrefine bench speed`: the speed measurements, not a suite file
+
+
+def _bench_speed(args: argparse.Namespace, methods: list[str] | None, command: str) -> int:
+    from .speed import run_speed
+
+    for flag, given in (("--dry-run", args.dry_run), ("--seeds", args.seeds != 1), ("--overwrite", args.overwrite)):
+        if given:
+            raise UserError(f"bench speed: {flag} does not apply (speed runs no suite; it rewrites speed.md/.csv)")
+    result = run_speed(args.out, args.set, methods=methods, command=command)
+    print(result.markdown)
+    print(f"results: {args.out}/speed.md, {args.out}/speed.csv")
     return 0
 
 
@@ -266,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "labels, as ordinary runs under DIR/runs/; finished runs are reused, unfinished ones resumed. Writes "
         "DIR/results.csv, DIR/results.md and DIR/results.png.",
     )
-    b.add_argument("suite", nargs="?", metavar="SUITE", help="a built-in suite name or a suite YAML file")
+    b.add_argument("suite", nargs="?", metavar="SUITE",
+                   help="a built-in suite name, a suite YAML file, or 'speed' (the training-speed measurements)")
     b.add_argument("--out", metavar="DIR", help="output directory of the suite")
     b.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 (default 1)")
     b.add_argument("--methods", metavar="A,B", help="only these methods of the suite (the clean reference always runs)")

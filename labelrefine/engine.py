@@ -63,6 +63,31 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, moved once: from host memory to CUDA through pinned (page-locked)
+    memory with a non-blocking copy, so the transfer is a DMA that does not stall the host
+    (PyTorch keeps the pinned staging block alive until the copy has finished). Anything else
+    (CPU to CPU, already on the device, another accelerator) is a plain ``.to(device)``, which
+    returns ``t`` itself when nothing needs to move.
+    """
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    src = t if t.is_pinned() else t.pin_memory()
+    return src.to(device, non_blocking=True)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the module's forward in place (``nn.Module.compile``).
+
+    In place rather than ``torch.compile(model)``: the module keeps its class, its attributes
+    (``features``, ``fc``, ``feat_dim``) and its state-dict keys, so checkpoints, the SimCLR
+    encoder cache and ``model.pt`` are the same with and without compilation. Only ``forward``
+    (``model(x)``) is compiled; SimCLR's ``model.features`` runs eagerly.
+    """
+    model.compile()
+    return model
+
+
 def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     """The autocast dtype for ``mode`` on ``device`` (None = full precision)."""
     if mode == "off":
@@ -104,12 +129,13 @@ class Context:
         self.num_classes = num_classes
         self.cache_dir = cache_dir
         self.noise_rate = noise_rate  # the *requested* rate, which some baselines take as a hyperparameter
-        self.y = labels.to(device)
+        self.y = to_device(labels, device)
         self.n = labels.shape[0]  # global: every rank holds the labels and label state of all samples
         # Data parallel (torchrun): this rank keeps only the images of the samples it owns.
         self.world, self.rank = ddp.world(), ddp.rank()
         own = ddp.owned(self.n)
-        self.x = (images[own] if self.world > 1 else images).to(device).contiguous()
+        # The uint8 store moves to the device once (CUDA: pinned memory, non-blocking copy).
+        self.x = to_device(images[own] if self.world > 1 else images, device).contiguous()
         self.local_pos = None
         if self.world > 1:
             self.local_pos = torch.full((self.n,), -1, dtype=torch.long, device=device)
@@ -135,7 +161,8 @@ class Context:
     def new_model(self) -> nn.Module:
         model = create_backbone(self.cfg.model.backbone, in_channels=self.channels,
                                 num_classes=self.num_classes, **backbone_kwargs(self.cfg))
-        return model.to(self.device, memory_format=self.memory_format)
+        model = model.to(self.device, memory_format=self.memory_format)
+        return compile_model(model) if self.cfg.compile else model
 
     def autocast(self):
         if self.amp is None:

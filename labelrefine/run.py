@@ -29,7 +29,7 @@ from . import distributed as ddp
 from .config import RunConfig, config_hash, config_to_dict, dump_yaml
 from .data import DataSplits, ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
-from .engine import Context, EpochSpec, backbone_kwargs, resolve_device
+from .engine import Context, EpochSpec, backbone_kwargs, resolve_device, to_device
 from .errors import UserError
 from .evaluation import Oracle, accuracy
 from .io import atomic_path, write_csv, write_json, write_text
@@ -319,8 +319,8 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
         write_text(out / "config.yaml", dump_yaml(cfg))
         _truncate_lines(metrics_path, state["metrics_lines"])
 
-    val_x = prep.val.images.to(device) if prep.val is not None else None
-    test_x = prep.test.images.to(device) if prep.test is not None else None
+    val_x = to_device(prep.val.images, device) if prep.val is not None else None
+    test_x = to_device(prep.test.images, device) if prep.test is not None else None
     log.info("%s: %s, %d train / %d val / %d test, %s noise %.4f, %d epochs on %s",
              cfg.method, prep.name, len(prep.train), 0 if prep.val is None else len(prep.val),
              0 if prep.test is None else len(prep.test), cfg.data.noise, prep.noise.rate, len(schedule), device)

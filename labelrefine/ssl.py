@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed as ddp
-from .engine import Context, backbone_kwargs, lr_factor, optimizer_step
+from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
 from .io import atomic_path
 from .losses import nt_xent
 from .progress import progress
@@ -116,7 +116,7 @@ class SimCLR:
         self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.scaler = ctx.grad_scaler()
         self.progress = 0.0
-        self.images = ctx.ssl_images.to(ctx.device)
+        self.images = to_device(ctx.ssl_images, ctx.device)
 
     def train_epoch(self) -> dict[str, float]:
         ctx, s = self.ctx, self.ctx.cfg.ssl
@@ -133,18 +133,28 @@ class SimCLR:
                 g["lr"] = lr
             x = self.images[idx]
             views = torch.cat([ctx.aug_strong(x), ctx.aug_strong(x)]).contiguous(memory_format=ctx.memory_format)
-            with ctx.autocast():
-                z = self.head(self.model.features(views))
-            z = z.float()
-            loss = nt_xent(z[: len(idx)], z[len(idx):], temperature=s.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss")
-            optimizer_step(self.optimizer, self.scaler, loss)
-            total += float(loss.detach()) * len(idx)
+            loss = self.step(views, len(idx))
+            total += float(loss) * len(idx)
             count += len(idx)
             self.progress += 1.0 / steps
         self.progress = float(math.floor(self.progress + 0.5))
         return {"loss": total / max(count, 1), "lr": lr, "samples": count}
+
+    def step(self, views: torch.Tensor, n: int) -> torch.Tensor:
+        """One optimisation step on ``2n`` float views, rows ``[view 1 of n images; view 2]``.
+
+        Returns the detached loss. ``labelrefine bench speed`` feeds the same step from
+        pre-made views (the model-only limit) and from a torchvision DataLoader (the peer pipeline).
+        """
+        ctx = self.ctx
+        with ctx.autocast():
+            z = self.head(self.model.features(views))
+        z = z.float()
+        loss = nt_xent(z[:n], z[n:], temperature=ctx.cfg.ssl.temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("non-finite loss")
+        optimizer_step(self.optimizer, self.scaler, loss)
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -13,6 +13,8 @@ of an iteration the samples selected at every stage get pseudo-labels (``labelre
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..engine import Context, EpochSpec, Supervised
@@ -43,6 +45,10 @@ class Ours(Method):
         self.n_stages = torch.zeros(ctx.n, dtype=torch.int64, device=ctx.device)  # over all iterations
         self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl)
         self._view: dict[str, torch.Tensor] = {}  # what the last epoch selected, for the oracle
+        # Wall seconds spent in stage evaluation and consensus (a diagnostic for `bench speed`;
+        # not checkpointed). Each block ends in a host sync (int(...sum())), so on CUDA the
+        # time is the work's, not just its launch.
+        self.refine_overhead_seconds = 0.0
 
     # -- schedule ------------------------------------------------------------------------------
     def schedule(self) -> list[EpochSpec]:
@@ -90,6 +96,7 @@ class Ours(Method):
         logs, recorded = self.sup.train_epoch(idx, targets, strong=strong, loss=r.loss,
                                               weight=self.cfg.finetune.weight, record=record)
         if at_stage:
+            t0 = time.perf_counter()
             # With stage_loss=train the first n rows are the samples themselves, weakly augmented.
             logits = recorded[: ctx.n] if record else ctx.logits_all(self.sup.model)
             losses = stage_losses(logits, self.labels, target=r.loss_target)
@@ -99,7 +106,9 @@ class Ours(Method):
             self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
             logs["stage_selected"] = int(selected.sum())
             logs["stage_mean_loss"] = float(losses.mean())
+            self.refine_overhead_seconds += time.perf_counter() - t0
         if spec.epoch == iteration_length(self.cfg, spec.iteration):
+            t0 = time.perf_counter()
             mask, pseudo = consensus(self.history, require_agreement=r.require_agreement,
                                      label_source=r.label_source)
             new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
@@ -111,6 +120,7 @@ class Ours(Method):
             self._view["pseudo_mask"] = mask
             self.n_stages += self.history.n_selected
             self.history = None
+            self.refine_overhead_seconds += time.perf_counter() - t0
         return logs
 
     def _reinit(self, iteration: int) -> None:
