@@ -40,9 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml
+from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
 from .errors import UserError
 from .io import write_text
 
@@ -114,19 +112,7 @@ def load_suite(name_or_path: str) -> Suite:
         if not path.is_file():
             raise UserError(f"unknown suite {name_or_path!r}: not a built-in suite ({', '.join(sorted(suites))}) "
                             f"and not a suite file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"suite file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"suite file {path}: cannot be read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"suite file {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
-        raise UserError(f"suite file {path}: not valid YAML ({e})") from None
+    data = read_yaml_file(path, "suite file")
     return suite_from_dict(data, str(path))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,10 +261,53 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only ``true``/``false`` are booleans.
+
+    YAML 1.1 (PyYAML's default) also reads ``on``/``off``/``yes``/``no`` as booleans, which turns
+    ``amp: off`` into ``False``; here they stay strings.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text (safe, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """Read and parse the YAML file ``path``; any failure is a one-line UserError naming
+    ``what`` (e.g. "config file") and the path, with the line of a syntax error."""
+    p = Path(path)
+    name = f"{what} {str(p)!r}"
+    if not p.is_file():
+        raise UserError(f"{name} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{name} cannot be read ({e.strerror})") from None
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{name} is not valid YAML{f' at line {mark.line + 1}' if mark is not None else ''}") from None
+    except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
+        raise UserError(f"{name} is not valid YAML ({e})") from None
+
+
 def _parse_value(text: str) -> Any:
     """Parse the right-hand side of ``key=value`` as YAML (so 0.5, true, [2,3,4] work)."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return yaml_load(text) if text.strip() else ""
     except (yaml.YAMLError, ValueError):  # PyYAML raises ValueError for e.g. 2020-13-01 or !!int x
         return text
 
@@ -292,22 +336,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise UserError(f"config file {str(p)!r} cannot be read ({e.strerror})") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"config file {str(p)!r} is not valid YAML{where}") from None
-        except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
-            raise UserError(f"config file {str(p)!r} is not valid YAML ({e})") from None
+        loaded = read_yaml_file(p, "config file")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -314,10 +314,10 @@ CLI_CASES = [
     _named("cli-bench-bad-set", _case("", ["bench", "cpu-cifar10", "--set", "optim.lrr=1", "--out", "out"],
                                       "unknown config key 'optim.lrr'")),
     _named("cli-bench-suite-invalid-yaml", _case(
-        "", ["bench", "s.yaml", "--out", "out"], "suite file s.yaml: not valid YAML",
+        "", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml' is not valid YAML",
         setup=lambda w: _write(w / "s.yaml", "name: [x\n"))),
     _named("cli-bench-suite-not-utf8", _case(
-        "", ["bench", "s.yaml", "--out", "out"], "suite file s.yaml: not UTF-8 text",
+        "", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml' is not UTF-8 text",
         setup=lambda w: _write(w / "s.yaml", b"name: \xff\n"))),
 ]
 

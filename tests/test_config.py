@@ -30,6 +30,22 @@ def test_yaml_exponent_without_dot(tmp_path):
     assert load_config(path).optim.lr == 0.02
 
 
+def test_yaml_booleans_are_only_true_and_false(tmp_path):
+    # YAML 1.1 would read `off` as False, making `amp: off` a type error.
+    assert load_config(None, ["amp=off"]).amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("amp: off\nssl:\n  cache: False\nchannels_last: TRUE\n")
+    cfg = load_config(path)
+    assert (cfg.amp, cfg.ssl.cache, cfg.channels_last) == ("off", False, True)
+    assert load_config(tmp_path / "c.yaml", ["ssl.cache=true"]).ssl.cache is True
+    with pytest.raises(UserError, match="'ssl.cache'"):  # `no` is a string now, not a silent False
+        load_config(None, ["ssl.cache=no"])
+    cfg = load_config(path)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_yaml(cfg))
+    assert load_config(again) == cfg
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
