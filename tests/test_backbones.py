@@ -101,3 +101,48 @@ def test_errors():
         create_backbone("tiny", in_channels=3, num_classes=0)
     with pytest.raises(UserError, match="width"):
         create_backbone("resnet18_cifar", in_channels=3, num_classes=10, width=0)
+
+
+@pytest.mark.parametrize("size", [7, 8, 16, 31])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_strided_pointwise_equals_a_strided_1x1_conv(size, stride):
+    from labelrefine.models.backbones import StridedPointwise
+
+    torch.manual_seed(0)
+    ours = StridedPointwise(4, 6, stride).double()
+    ref = torch.nn.Conv2d(4, 6, kernel_size=1, stride=stride, bias=False).double()
+    ref.load_state_dict(ours.state_dict())  # the same parameter under the same key
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, want = ours(x), ref(x2)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+_ODD_BATCH = """
+import torch, torch.nn.functional as F
+from labelrefine.models import create_backbone, list_backbones
+torch.set_num_threads(2)
+for name in list_backbones():
+    kw = {} if name.startswith("tiny") else {"width": 8}
+    m = create_backbone(name, in_channels=3, num_classes=10, **kw).to(memory_format=torch.channels_last)
+    for b in (3, 35):
+        x = torch.randn(b, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        F.cross_entropy(m(x), torch.zeros(b, dtype=torch.long)).backward()
+print("ok")
+"""
+
+
+def test_odd_batches_channels_last_two_threads_do_not_crash():
+    # torch 2.14's strided 1x1 conv weight-gradient kernel killed the process here (odd batch,
+    # channels_last, 2 threads, 8->16 channels): a crash, so it runs in a child process.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ODD_BATCH], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

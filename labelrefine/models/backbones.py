@@ -100,6 +100,27 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+class StridedPointwise(nn.Conv2d):
+    """A 1×1 convolution with stride ``s`` (no padding, no bias), computed as subsampling every
+    ``s``-th row and column followed by a stride-1 1×1 convolution: the same function, the same
+    parameter (``weight``, so the same state-dict keys as ``nn.Conv2d(..., stride=s)``).
+
+    Why: torch 2.14's CPU kernel for the weight gradient of a *strided* 1×1 convolution crashes the
+    process (segmentation fault or heap corruption) on channels_last input with an odd batch size
+    and 2 threads (found with 8→16 channels, width-8 ResNet-18; tests/test_models.py keeps the
+    reproduction). The stride-1 kernel is not affected, and the subsampling is free.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, kernel_size=1, stride=1, bias=False)
+        self.step = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step > 1:
+            x = x[:, :, :: self.step, :: self.step]
+        return super().forward(x)
+
+
 def _pool(x: torch.Tensor) -> torch.Tensor:
     # Global average pool: makes the classifier independent of the input size.
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -121,7 +142,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                StridedPointwise(cin, cout, stride), nn.BatchNorm2d(cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +195,7 @@ class PreActBlock(nn.Module):
         self.conv2 = _conv3x3(cout, cout)
         self.shortcut: nn.Module | None = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+            self.shortcut = StridedPointwise(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
