@@ -55,6 +55,8 @@ def cmd_noise(args: argparse.Namespace) -> int:
     fixed = not check_noise_type(args.type)
     if not fixed and args.rate is None:
         raise UserError(f"--rate is required for noise type {args.type!r}")
+    if fixed and args.rate is not None:
+        raise UserError(f"--rate does not apply to noise type {args.type!r}: its rate is whatever the labels hold")
     rate = 0.0 if args.rate is None else args.rate
     if not fixed and not 0.0 <= rate < 1.0:
         raise UserError(f"--rate {rate} is outside [0, 1)")
@@ -220,6 +222,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(p: argparse.ArgumentParser, *, config_help: str) -> None:
+    """The options ``run`` and ``clean`` share: --config, --set, --out, --resume, --overwrite."""
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set refine.threshold=0.8 (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="labelrefine",
@@ -253,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a method as configured: SSL, warmup, refinement, fine-tune (or a baseline). Writes "
         "config.yaml, metrics.jsonl, labels.csv, summary.json, model.pt and report.html to --out.",
     )
-    r.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set refine.threshold=0.8 (repeatable)")
-    r.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    r.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace a run already in DIR")
+    _run_arguments(r, config_help="YAML config (default: built-in defaults)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser(
@@ -270,12 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--data", required=True, metavar="SPEC",
                    help="imagefolder:DIR, csv:FILE, json:FILE, npz:FILE, ... (see the README's Data section)")
-    c.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    c.add_argument("--config", metavar="FILE", help="a run config to start from instead of the automatic settings")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    _run_arguments(c, config_help="a run config to start from instead of the automatic settings")
     c.add_argument("--show", type=int, default=10, metavar="K", help="print the top K suspects (default 10)")
-    c.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
-    c.add_argument("--overwrite", action="store_true", help="replace a run already in DIR")
     c.set_defaults(func=cmd_clean)
 
     b = sub.add_parser(

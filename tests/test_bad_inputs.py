@@ -299,6 +299,9 @@ CLI_CASES = [
                                             "--out", "out.csv"], "--rate 1.5 is outside [0, 1)", out="out.csv")),
     _named("cli-noise-rate-missing", _case("", ["noise", "--data", "digits", "--type", "pairflip",
                                                 "--out", "out.csv"], "--rate is required", out="out.csv")),
+    _named("cli-noise-rate-with-fixed-type", _case(
+        "", ["noise", "--data", "digits", "--type", "none", "--rate", "0.2", "--out", "out.csv"],
+        "--rate does not apply to noise type 'none'", out="out.csv")),
     _named("cli-noise-unknown-type", _case("", ["noise", "--data", "digits", "--type", "gaussian", "--rate", "0.2",
                                                 "--out", "out.csv"], "unknown noise type 'gaussian'", out="out.csv")),
     _named("cli-bench-unknown-suite", _case("", ["bench", "nosuch-suite", "--out", "out"],
