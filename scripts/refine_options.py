@@ -28,6 +28,8 @@ VARIANTS = {
                                    "refine.require_agreement=false"],
     "prediction target, threshold 1.0 (max p > 0.37)": P1,
     "prediction, threshold 0.3 (max p > 0.74; the default)": ["refine.loss_target=prediction", "refine.threshold=0.3"],
+    "prediction, threshold 0.3, stage losses from the training pass": [
+        "refine.loss_target=prediction", "refine.threshold=0.3", "refine.stage_loss=train"],
     "prediction, threshold 0.1 (max p > 0.90)": ["refine.loss_target=prediction", "refine.threshold=0.1"],
     "prediction, no agreement": [*P1, "refine.require_agreement=false"],
     "prediction, label from last stage": [*P1, "refine.label_source=last"],

@@ -23,7 +23,7 @@ from labelrefine.ssl import SimCLR
 THROUGHPUT = ["limit_supervised", "supervised_step", "limit_simclr", "simclr_step", "peer_simclr",
               "aug_strong_only", "peer_loader_only"]
 TARGETS = ["supervised_vs_limit", "simclr_vs_limit", "simclr_vs_peer", "ours_vs_ce", "refine_overhead",
-           "scaling_r2", "peak_rss_gib"]
+           "scaling_r2", "peak_rss_gib", "ours_vs_ce_stage_loss_train", "refine_overhead_stage_loss_train"]
 SIZES = [64, 128, 256]
 
 
@@ -63,7 +63,8 @@ def test_bench_speed_tiny_writes_every_row_and_target(tmp_path, monkeypatch, cap
     expected += [("scaling", f"ce_epoch_{n}") for n in SIZES]
     expected += [("scaling", n) for n in ("fit_intercept", "fit_slope_per_1000", "fit_r2")]
     expected += [("memory", n) for n in ("peak_rss", "peak_rss_children", "data_uint8", "largest_train_store")]
-    expected += [("target", n) for n in TARGETS] + [("run", "wall_seconds")]
+    expected += [("target", n) for n in TARGETS] + [("run", "wall_seconds"), ("target", "simclr_vs_peer_bound")]
+    expected += [("peer", "main_process_waiting"), ("peer", "worker_cpu_ms_per_image"), ("memory", "peak_rss_after_0")]
     for key in expected:
         assert key in got, f"missing row {key}"
         value = float(got[key]["value"])
@@ -82,6 +83,16 @@ def test_bench_speed_tiny_writes_every_row_and_target(tmp_path, monkeypatch, cap
         float(got[("method_cost", "ours")]["value"]) / ce, rel=1e-3)
     assert 0 < float(got[("memory", "data_uint8")]["value"]) < 0.01  # 340 tiny images
     assert 0 <= float(got[("target", "refine_overhead")]["value"]) <= 1
+    # The profile's shares cover every profiled op once; convolutions are among them.
+    shares = {r["name"]: float(r["value"]) for r in rows if r["section"] == "profile"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares.get("convolution (fwd + bwd)", 0) > 0
+    assert 0 <= float(got[("peer", "main_process_waiting")]["value"]) <= 1
+    assert float(got[("target", "simclr_vs_peer_bound")]["value"]) == pytest.approx(
+        float(got[("throughput", "limit_simclr")]["value"]) / float(got[("throughput", "peer_simclr")]["value"]),
+        rel=1e-3)
+    marks = [float(r["value"]) for r in rows if r["name"].startswith("peak_rss_after_")]
+    assert len(marks) == 5 and marks == sorted(marks)  # a high-water mark never falls
+    assert "## Where the SimCLR step's time goes" in md
 
 
 def test_bench_speed_rejects_suite_flags_and_bad_options(tmp_path, capsys):
