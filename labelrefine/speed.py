@@ -32,6 +32,7 @@ asserts on them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import math
@@ -49,8 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
-from .config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict
+from .config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
 from .engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
 from .errors import UserError
 from .io import write_csv, write_text
@@ -70,7 +72,7 @@ CSV_HEADER = ["section", "name", "value", "unit", "target", "result", "note"]
 class SpeedOptions:
     """The bench's own knobs, set with ``--set speed.KEY=VALUE``."""
 
-    epochs: int = 2  # timed epochs (or passes) of each measurement, after one untimed warm-up epoch
+    epochs: int = 3  # timed epochs (or passes) of each measurement, after one untimed warm-up epoch
     sizes: list[int] = field(default_factory=lambda: [5000, 10000, 20000, 40000])  # CE scaling: training-set sizes
     workers: int = 2  # DataLoader worker processes of the peer pipeline (0 = load in the main process)
 
@@ -485,6 +487,7 @@ class MethodTiming:
     seconds: list[float]  # per timed epoch
     samples: list[int | None]
     overhead: float = 0.0  # ours: stage evaluation + consensus seconds within the timed epochs
+    eval_seconds: float = 0.0  # ours: the part of `overhead` spent in evaluation passes
     extra: dict[str, list[float]] = field(default_factory=dict)  # ours: iteration 2 seconds / samples
 
     @property
@@ -530,12 +533,14 @@ def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torc
             method.on_supervised_start()
             started = True
         before = getattr(method, "refine_overhead_seconds", 0.0)
+        before_eval = getattr(method, "refine_eval_seconds", 0.0)
         dt, logs = timed(lambda spec=spec: method.run_epoch(spec), device)
         samples = logs.get("samples")
         if i in chosen:
             result.seconds.append(dt)
             result.samples.append(None if samples is None else int(samples))
             result.overhead += getattr(method, "refine_overhead_seconds", 0.0) - before
+            result.eval_seconds += getattr(method, "refine_eval_seconds", 0.0) - before_eval
         elif i in extra_pos:
             result.extra.setdefault("seconds", []).append(dt)
             result.extra.setdefault("samples", []).append(float(samples or 0))
@@ -627,6 +632,13 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     for name in chosen:
         log.info("bench speed: (5) method cost: %s", name)
         timings[name] = time_method(name, cfg, train, num_classes, device, opts.epochs)
+    # CE is the denominator of every ratio: time it again after the others and use both, so that a
+    # drift of the machine's speed during the bench shows (ce_repeat) and averages out.
+    first_ce = timings["ce"].per_epoch
+    again = time_method("ce", cfg, train, num_classes, device, opts.epochs)
+    timings["ce"].seconds += again.seconds
+    timings["ce"].samples += again.samples
+    ce_repeat = _ratio(again.per_epoch, first_ce)
     stage_train = None
     if "ours" in timings:
         log.info("bench speed: (5) ours with refine.stage_loss=train")
@@ -643,10 +655,14 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
 
     rows = _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_children, cuda_peak,
                  data_bytes, full, wall, marks)
+    rows.append(Row("run", "ce_repeat", ce_repeat, "x", "CE timed again after every other method, "
+                    "against its first timing (1 = no drift); `ce` is the mean of both"))
     md = render_markdown(rows, cfg, opts, device, prep.name, len(train), command, timings)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "speed.csv", CSV_HEADER, [r.csv() for r in rows])
     write_text(out / "speed.md", md)
+    speed_yaml = yaml.safe_dump({"speed": dataclasses.asdict(opts)}, sort_keys=False)
+    write_text(out / "config.yaml", dump_yaml(cfg) + speed_yaml)
     log.info("bench speed: done in %.1f min; %s", wall / 60, out / "speed.md")
     return SpeedResult(rows, md)
 
@@ -720,22 +736,27 @@ def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_ch
                      f"ours refinement iteration 1 ({len(t.seconds)} epochs)"),
                  Row("refine_overhead", "stage_eval_consensus_seconds", t.overhead, "s",
                      "stage losses (an evaluation pass over the training set per stage) + selection + consensus"),
-                 Row("refine_overhead", "fraction", overhead, "fraction")]
+                 Row("refine_overhead", "evaluation_pass_seconds", t.eval_seconds, "s",
+                     "of which the evaluation passes (Context.logits_all)"),
+                 Row("refine_overhead", "fraction", overhead, "fraction"),
+                 Row("refine_overhead", "fraction_evaluation_passes", _ratio(t.eval_seconds, sum(t.seconds)),
+                     "fraction", "the evaluation passes alone"),
+                 Row("refine_overhead", "fraction_selection_consensus",
+                     _ratio(t.overhead - t.eval_seconds, sum(t.seconds)), "fraction",
+                     "everything else: stage losses, selection, consensus, label update")]
 
     overhead_train = float("nan")
     if stage_train is not None:
         overhead_train = _ratio(stage_train.overhead, sum(stage_train.seconds))
         rows += [Row("refine_overhead", "fraction_stage_loss_train", overhead_train, "fraction",
                      "the same with refine.stage_loss=train (losses of the epoch's own training pass)")]
-    # The floor of a full-set evaluation per stage, from the measured rates: an iteration of e
-    # epochs with s stages costs at least e/T + s/E (T = supervised limit (1), E = eval pass).
-    floors = {}
+    # What a full-set evaluation pass per stage costs at the measured rates: an iteration of e
+    # epochs with s stages takes about e/T + s/E per image (T = supervised limit (1), E = eval pass).
     for label, stages, epochs in stage_schedules(cfg):
         extra = stages * sup["limit_img_s"] / sup["eval_img_s"]
-        floors[label] = (1 + extra / epochs, extra / (epochs + extra))
-        rows += [Row("floor", f"ours_vs_ce_{label}", 1 + extra / epochs, "x CE",
+        rows += [Row("eval_cost", f"ours_vs_ce_{label}", 1 + extra / epochs, "x CE",
                      f"{stages} full evaluation passes in a {epochs}-epoch iteration: 1 + s·T/(e·E)"),
-                 Row("floor", f"refine_overhead_{label}", extra / (epochs + extra), "fraction",
+                 Row("eval_cost", f"refine_overhead_{label}", extra / (epochs + extra), "fraction",
                      f"{stages} full evaluation passes in a {epochs}-epoch iteration: s·T/E / (e + s·T/E)")]
 
     ns, ts = [n for n, _, _ in scaling], [t for _, t, _ in scaling]
@@ -825,6 +846,8 @@ def _fmt(v: float, unit: str) -> str:
 
 def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device: torch.device, data_name: str,
                     n_train: int, command: str, timings: dict[str, MethodTiming]) -> str:
+    from .run import code_version
+
     by = {(r.section, r.name): r for r in rows}
 
     def val(section: str, name: str) -> str:
@@ -837,14 +860,16 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
         "# Training speed: `labelrefine bench speed`", "",
         f"- Machine: {machine_description(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"device `{device}`",
-        f"- Date: {date}; command: `{command}`",
+        f"- Date: {date}; command: `{command}`; code {code_version()}; the resolved config is `config.yaml` beside "
+        f"this file",
         f"- Profile: `{cfg.model.backbone}`{width}, batch {cfg.optim.batch_size} (SimCLR batch "
         f"{min(cfg.ssl.batch_size, n_train)}), amp `{cfg.amp}`, channels_last `{cfg.channels_last}`, compile "
         f"`{cfg.compile}`; data {data_name} (`{cfg.data.spec}`), {n_train} training images, noise "
         f"{cfg.data.noise} {cfg.data.noise_rate}",
         f"- Each throughput is measured over {opts.epochs} epoch(s) (or limit passes of the same step count) after "
         f"one untimed warm-up; limits and steps are interleaved; the device is synchronised around each timed "
-        f"region. Wall time of this run: {val('run', 'wall_seconds')} s.", "",
+        f"region. CE, the denominator of the ratios, is timed before and after the other methods (second ÷ first "
+        f"= {val('run', 'ce_repeat')}) and averaged. Wall time of this run: {val('run', 'wall_seconds')} s.", "",
         "## Throughput", "",
         "| # | measurement | img/s | what |", "|---|---|---:|---|",
     ]
@@ -873,16 +898,20 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
     lines += ["", "## Refinement overhead (6)", "",
               f"`ours` iteration 1: {val('refine_overhead', 'iteration_seconds')} s, of which stage evaluation + "
               f"consensus {val('refine_overhead', 'stage_eval_consensus_seconds')} s = "
-              f"**{val('refine_overhead', 'fraction')}**; with `refine.stage_loss=train` (stage losses read off the "
-              f"epoch's own training pass, no evaluation pass) "
+              f"**{val('refine_overhead', 'fraction')}**: the evaluation passes "
+              f"{val('refine_overhead', 'fraction_evaluation_passes')}, everything else (stage losses, selection, "
+              f"consensus, label update) {val('refine_overhead', 'fraction_selection_consensus')}. With "
+              f"`refine.stage_loss=train` (stage losses read off the epoch's own training pass, no evaluation pass): "
               f"**{val('refine_overhead', 'fraction_stage_loss_train')}**.", "",
-              "The papers compute each stage's losses over the whole training set, which is an evaluation pass: "
-              "a forward pass over N images. From the measured rates (T = (1), E = `eval_pass`), an iteration of "
-              "e epochs with s stages cannot cost less than e/T + s/E per image, whatever the code does:", "",
-              "| schedule | s stages / e epochs | floor of ours ÷ CE | floor of (6) |", "|---|---|---:|---:|"]
+              "The papers compute each stage's losses over the whole training set: an evaluation pass, a forward "
+              "pass over N images. At the measured rates (T = (1), E = `eval_pass`) an iteration of e epochs with "
+              "s stages costs about e/T + s/E per image, so the passes alone are this share of the iteration, "
+              "however little the rest of the refinement costs:", "",
+              "| schedule | s stages / e epochs | ours ÷ CE from the passes alone | their share of the iteration |",
+              "|---|---|---:|---:|"]
     for label, stages, epochs in stage_schedules(cfg):
-        lines.append(f"| {label.replace('_', ' ')} | {stages} / {epochs} | {val('floor', f'ours_vs_ce_{label}')} | "
-                     f"{val('floor', f'refine_overhead_{label}')} |")
+        lines.append(f"| {label.replace('_', ' ')} | {stages} / {epochs} | {val('eval_cost', f'ours_vs_ce_{label}')} | "
+                     f"{val('eval_cost', f'refine_overhead_{label}')} |")
     lines += ["", "What the evaluation pass spends its time on (torch profiler, aten self time):", "",
               "| op | share |", "|---|---:|"]
     lines += [f"| {r.name} | {100 * r.value:.1f}% |" for r in rows if r.section == "profile_eval"]

@@ -59,11 +59,13 @@ def test_bench_speed_tiny_writes_every_row_and_target(tmp_path, monkeypatch, cap
     expected = [("throughput", n) for n in THROUGHPUT]
     expected += [("method_cost", m) for m in methods] + [("method_ratio", m) for m in methods]
     expected += [("method_cost", "ours_iteration2"), ("method_cost", "ours_stage_loss_train")]
-    expected += [("refine_overhead", n) for n in ("iteration_seconds", "stage_eval_consensus_seconds", "fraction")]
+    expected += [("refine_overhead", n) for n in ("iteration_seconds", "stage_eval_consensus_seconds", "fraction",
+                                                  "fraction_evaluation_passes", "fraction_selection_consensus")]
     expected += [("scaling", f"ce_epoch_{n}") for n in SIZES]
     expected += [("scaling", n) for n in ("fit_intercept", "fit_slope_per_1000", "fit_r2")]
     expected += [("memory", n) for n in ("peak_rss", "peak_rss_children", "data_uint8", "largest_train_store")]
-    expected += [("target", n) for n in TARGETS] + [("run", "wall_seconds"), ("target", "simclr_vs_peer_bound")]
+    expected += [("target", n) for n in TARGETS] + [("run", "wall_seconds"), ("run", "ce_repeat")]
+    expected += [("target", "simclr_vs_peer_bound")]
     expected += [("peer", "main_process_waiting"), ("peer", "worker_cpu_ms_per_image"), ("memory", "peak_rss_after_0")]
     for key in expected:
         assert key in got, f"missing row {key}"
@@ -93,6 +95,7 @@ def test_bench_speed_tiny_writes_every_row_and_target(tmp_path, monkeypatch, cap
     marks = [float(r["value"]) for r in rows if r["name"].startswith("peak_rss_after_")]
     assert len(marks) == 5 and marks == sorted(marks)  # a high-water mark never falls
     assert "## Where the SimCLR step's time goes" in md
+    assert "speed:" in (out / "config.yaml").read_text() and "code 0." in md
 
 
 def test_bench_speed_rejects_suite_flags_and_bad_options(tmp_path, capsys):

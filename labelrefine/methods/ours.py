@@ -49,6 +49,7 @@ class Ours(Method):
         # not checkpointed). Each block ends in a host sync (int(...sum())), so on CUDA the
         # time is the work's, not just its launch.
         self.refine_overhead_seconds = 0.0
+        self.refine_eval_seconds = 0.0  # the part of it spent in evaluation passes (stage_loss=eval)
 
     # -- schedule ------------------------------------------------------------------------------
     def schedule(self) -> list[EpochSpec]:
@@ -98,7 +99,13 @@ class Ours(Method):
         if at_stage:
             t0 = time.perf_counter()
             # With stage_loss=train the first n rows are the samples themselves, weakly augmented.
-            logits = recorded[: ctx.n] if record else ctx.logits_all(self.sup.model)
+            if record:
+                logits = recorded[: ctx.n]
+            else:
+                logits = ctx.logits_all(self.sup.model)
+                if logits.is_cuda:
+                    torch.cuda.synchronize(logits.device)  # so the split below times the work, not its launch
+                self.refine_eval_seconds += time.perf_counter() - t0
             losses = stage_losses(logits, self.labels, target=r.loss_target)
             selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
                               num_classes=ctx.num_classes, quantile=r.quantile)
