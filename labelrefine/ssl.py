@@ -27,7 +27,7 @@ from .progress import progress
 
 log = logging.getLogger("labelrefine")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the strong augmentation's crop is ResizedCropFlip (was kornia's)
 
 
 class ProjectionHead(nn.Module):

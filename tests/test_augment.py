@@ -202,3 +202,63 @@ def test_errors():
         aug(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="built for"):
         aug(_images(2, h=9, w=8))
+
+
+# ---------------------------------------------------------------------------------------------
+# ResizedCropFlip: the strong set's crop + flip as one batched resample
+
+
+def test_resized_crop_flip_full_box_is_identity_or_mirror():
+    from labelrefine.data.augment import ResizedCropFlip
+
+    x = torch.rand(64, 3, 12, 12)
+    same = ResizedCropFlip((12, 12), scale=(1, 1), ratio=(1, 1), flip=False)
+    torch.testing.assert_close(same(x), x, rtol=0, atol=1e-6)  # pixel centres land on pixel centres
+    torch.manual_seed(0)
+    y = ResizedCropFlip((12, 12), scale=(1, 1), ratio=(1, 1), flip=True)(x)
+    plain = (y - x).abs().amax(dim=(1, 2, 3)) < 1e-6
+    mirrored = (y - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-6
+    assert bool((plain | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+
+
+def test_resized_crop_flip_resamples_its_box_like_torchvision(monkeypatch):
+    # The slow reference: crop the box out, resize it bilinearly (no antialias) with torchvision.
+    from torchvision.transforms.v2 import functional as TF
+
+    from labelrefine.data.augment import ResizedCropFlip
+
+    x = torch.rand(3, 3, 20, 24, dtype=torch.float64)
+    fixed = torch.tensor([[2.0, 5.0, 11.0, 9.0], [0.0, 0.0, 20.0, 24.0], [7.0, 3.0, 6.0, 17.0]])
+    op = ResizedCropFlip((16, 16), flip=False)
+    monkeypatch.setattr(op, "boxes", lambda n, h, w: fixed)
+    y = op(x)
+    for k, (top, left, h, w) in enumerate(fixed.int().tolist()):
+        want = TF.resized_crop(x[k], top, left, h, w, [16, 16], antialias=False)
+        torch.testing.assert_close(y[k], want)
+
+
+def test_resized_crop_flip_boxes_follow_torchvision_get_params():
+    from torchvision.transforms import RandomResizedCrop
+
+    from labelrefine.data.augment import ResizedCropFlip
+
+    scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
+    for height, width in ((32, 32), (8, 40)):  # 8x40: many draws do not fit; the fallback is used
+        torch.manual_seed(0)
+        ours = ResizedCropFlip((32, 32), scale=scale, ratio=ratio).boxes(20000, height, width)
+        top, left, h, w = ours.unbind(1)
+        assert bool((top >= 0).all() and (left >= 0).all()), (height, width)
+        assert bool((top + h <= height).all() and (left + w <= width).all()), (height, width)
+        assert torch.equal(ours, ours.round())  # integer boxes, like torchvision's
+        img = torch.zeros(1, height, width)
+        ref = torch.tensor([RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(20000)],
+                           dtype=torch.float32)
+        for col in range(4):  # the same distribution: means and spreads agree
+            a, b = ours[:, col], ref[:, col]
+            assert abs(float(a.mean() - b.mean())) < 0.02 * max(height, width), (height, width, col)
+            assert abs(float(a.std() - b.std())) < 0.03 * max(height, width), (height, width, col)
+        if height == width:  # every draw of a square image fits within 10 attempts
+            frac = h * w / (height * width)
+            assert float(frac.min()) > 0.17 and float(frac.max()) <= 1.0
+            r = w / h
+            assert float(r.min()) > 0.7 and float(r.max()) < 1.43
