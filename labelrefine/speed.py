@@ -13,7 +13,7 @@ What is measured (each timed region ends with a device sync, so CUDA times are t
    movement; the same model, batch, optimizer and number of steps as an epoch of (2).
 2. **Supervised step**: :meth:`Supervised.train_epoch` (weak crop + flip augmentation of the
    in-memory uint8 store, on the device), whole epochs after one untimed warm-up epoch.
-3. **SimCLR step**: :meth:`SimCLR.train_epoch` (two strong kornia views per image; each image
+3. **SimCLR step**: :meth:`SimCLR.train_epoch` (two batched strong views per image; each image
    counted once), beside its model-only limit (:meth:`SimCLR.step` on pre-made views).
 4. **Peer pipeline**: the same :meth:`SimCLR.step` fed the conventional way: torchvision
    transforms (the same recipe) on PIL images in a ``torch.utils.data.DataLoader`` with
@@ -230,10 +230,10 @@ def children_cpu_seconds() -> float:
 PROFILE_STEPS = 4  # steps of the SimCLR model-only limit under the torch profiler
 # Profiled aten ops by what they are (first match; substrings of the op name).
 OP_CATEGORIES = [
-    ("convolution (fwd + bwd)", ("conv",)),
-    ("batch norm (fwd + bwd)", ("batch_norm",)),
-    ("matmul (projection head, NT-Xent)", ("mm", "linear", "matmul", "bmm")),
-    ("optimizer (SGD update)", ("_foreach", "sgd")),
+    ("convolution", ("conv",)),
+    ("batch norm", ("batch_norm",)),
+    ("matmul", ("mm", "linear", "matmul", "bmm")),
+    ("optimizer update", ("_foreach", "sgd")),
     ("activations, pooling, elementwise", ("relu", "threshold", "pool", "add", "mul", "div", "sub", "exp", "log",
                                            "sum", "mean", "max", "norm", "copy", "fill", "zero", "where", "neg",
                                            "sqrt", "pow", "clamp", "cat", "softmax")),
@@ -688,19 +688,19 @@ def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_ch
             f"(3) limit: SimCLR.step on pre-made views, batch {ssl['batch']} ({2 * ssl['batch']} views), "
             f"images counted once"),
         Row("throughput", "simclr_step", ssl["step_img_s"], "img/s",
-            f"(3) SimCLR.train_epoch, two kornia strong views from the uint8 store, images counted once, "
+            f"(3) SimCLR.train_epoch, two batched strong views from the uint8 store, images counted once, "
             f"{ssl['images_per_epoch']:.0f} img an epoch"),
         Row("throughput", "peer_simclr", ssl["peer_img_s"], "img/s",
             f"(4) the same SimCLR.step fed by torchvision transforms on PIL images, DataLoader with "
             f"{opts.workers} workers"),
         Row("throughput", "aug_strong_only", ssl["aug_img_s"], "img/s",
-            "the augmentation of (3) alone: two kornia strong views per image from the uint8 store, no model"),
+            "the augmentation of (3) alone: two batched strong views per image from the uint8 store, no model"),
         Row("throughput", "peer_loader_only", ssl["loader_img_s"], "img/s",
             f"the DataLoader of (4) alone ({opts.workers} workers, two torchvision views per image), no model"),
         Row("peer", "main_process_waiting", ssl["peer_wait_fraction"], "fraction",
             "share of (4)'s wall time the main process waits for the next batch from the workers"),
         Row("peer", "worker_cpu_ms_per_image", ssl["peer_worker_cpu_ms"], "ms",
-            "CPU time of the DataLoader workers per image (two torchvision views); kornia's two views take "
+            "CPU time of the DataLoader workers per image (two torchvision views); the batched two views of (3) take "
             f"{1000 / ssl['aug_img_s']:.3f} ms of wall time per image on the main process"),
     ]
     rows += [Row("profile", cat, share, "fraction", f"torch profiler, {PROFILE_STEPS} steps of the SimCLR "
@@ -885,7 +885,7 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
     lines += [f"| {r.name} | {100 * r.value:.1f}% |" for r in prof]
     lines += ["", f"The augmentation of (3) costs "
               f"{1000 / by[('throughput', 'aug_strong_only')].value:.3f} ms of wall time per image (two views, "
-              f"batched kornia on the main process); the peer's torchvision transforms cost "
+              f"batched on the main process); the peer's torchvision transforms cost "
               f"{val('peer', 'worker_cpu_ms_per_image')} ms of worker CPU per image, on the same cores as the model. "
               f"In (4) the main process waits for the workers {val('peer', 'main_process_waiting')} of the time. "
               f"(3) cannot beat its own model-only limit, so against this (4) no data pipeline can exceed "
