@@ -185,6 +185,19 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def interleaved(passes: dict[str, Callable[[], int]], rounds: int,
+                device: torch.device) -> tuple[dict[str, float], dict[str, int]]:
+    """Run every pass once per round, in turn (so a drift of the machine's speed hits them all
+    alike); return the seconds and the image counts (each pass returns its count) per pass."""
+    seconds, counts = dict.fromkeys(passes, 0.0), dict.fromkeys(passes, 0)
+    for _ in range(rounds):
+        for key, fn in passes.items():
+            dt, count = timed(fn, device)
+            seconds[key] += dt
+            counts[key] += count
+    return seconds, counts
+
+
 def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
     """Least-squares ``y = a + b·x``: ``(a, b, R²)``; R² is 1 for a perfect fit of constant ``y``."""
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -306,13 +319,7 @@ def measure_supervised(cfg: RunConfig, ctx: Context, epochs: int) -> dict[str, f
         return int(sup.train_epoch(rows, ctx.y)[0]["samples"])
 
     limit_pass(), epoch()  # warm-up
-    t = {"limit": 0.0, "step": 0.0}
-    k = {"limit": 0, "step": 0}
-    for _ in range(epochs):
-        for key, fn in (("limit", limit_pass), ("step", epoch)):
-            dt, count = timed(fn, device)
-            t[key] += dt
-            k[key] += count
+    t, k = interleaved({"limit": limit_pass, "step": epoch}, epochs, device)
     # The stage evaluation of `ours` (refine.stage_loss=eval) is this pass: Context.logits_all,
     # eval mode, no augmentation, over the whole training set.
     ctx.logits_all(model)
@@ -400,13 +407,7 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
         return int(sim.train_epoch()["samples"])
 
     limit_pass(), epoch()
-    t = {"limit": 0.0, "step": 0.0}
-    k = {"limit": 0, "step": 0}
-    for _ in range(epochs):
-        for key, fn in (("limit", limit_pass), ("step", epoch)):
-            dt, count = timed(fn, device)
-            t[key] += dt
-            k[key] += count
+    t, k = interleaved({"limit": limit_pass, "step": epoch}, epochs, device)
     profile = profile_ops(lambda: [sim.step(v, len(v) // 2) for v in resident[:PROFILE_STEPS]], device)
     resident, steps = [], []  # free the pre-made views
 
@@ -416,11 +417,7 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
             torch.cat([ctx.aug_strong(x), ctx.aug_strong(x)]).contiguous(memory_format=ctx.memory_format)
         return len(index) * b
 
-    t_aug, k_aug = 0.0, 0
-    for _ in range(epochs):
-        dt, count = timed(aug_pass, device)
-        t_aug += dt
-        k_aug += count
+    t_aug, k_aug = (d["aug"] for d in interleaved({"aug": aug_pass}, epochs, device))
 
     # The peer pipeline: same SimCLR object (model, head, optimizer), fed by a DataLoader.
     arr = ctx.ssl_images.cpu().permute(0, 2, 3, 1).numpy()
@@ -456,14 +453,8 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
     peer_epoch()  # warm-up: starts the (persistent) workers
     produced = len(index) * b
     wait["seconds"] = 0.0
-    t_peer, k_peer, t_load, k_load = 0.0, 0, 0.0, 0
-    for _ in range(epochs):
-        dt, count = timed(peer_epoch, device)
-        t_peer += dt
-        k_peer += count
-        dt, count = timed(loader_pass, device)
-        t_load += dt
-        k_load += count
+    tp, kp = interleaved({"peer": peer_epoch, "load": loader_pass}, epochs, device)
+    t_peer, k_peer, t_load, k_load = tp["peer"], kp["peer"], tp["load"], kp["load"]
     produced += k_peer + k_load
     loader = None  # shuts the persistent workers down: their CPU time then counts in RUSAGE_CHILDREN
     gc.collect()
@@ -632,6 +623,11 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     for name in chosen:
         log.info("bench speed: (5) method cost: %s", name)
         timings[name] = time_method(name, cfg, train, num_classes, device, opts.epochs)
+    stage_train = None
+    if "ours" in timings:
+        log.info("bench speed: (5) ours with refine.stage_loss=train")
+        stage_train = time_method("ours", cfg, train, num_classes, device, opts.epochs,
+                                  ("refine.stage_loss=train", "refine.iterations=1"))
     # CE is the denominator of every ratio: time it again after the others and use both, so that a
     # drift of the machine's speed during the bench shows (ce_repeat) and averages out.
     first_ce = timings["ce"].per_epoch
@@ -639,11 +635,6 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     timings["ce"].seconds += again.seconds
     timings["ce"].samples += again.samples
     ce_repeat = _ratio(again.per_epoch, first_ce)
-    stage_train = None
-    if "ours" in timings:
-        log.info("bench speed: (5) ours with refine.stage_loss=train")
-        stage_train = time_method("ours", cfg, train, num_classes, device, opts.epochs,
-                                  ("refine.stage_loss=train", "refine.iterations=1"))
     marks.append(("(5)+(6) every method", peak_rss_bytes()))
     log.info("bench speed: (7) scaling over %s images", opts.sizes)
     scaling = measure_scaling(cfg, full, opts.sizes, device)
