@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .io import read_text_file
 
 
 @dataclass
@@ -289,12 +290,7 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
     name = f"{what} {str(p)!r}"
     if not p.is_file():
         raise UserError(f"{name} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{name} cannot be read ({e.strerror})") from None
+    text = read_text_file(p, name)
     try:
         return yaml_load(text)
     except yaml.YAMLError as e:

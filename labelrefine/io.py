@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -47,3 +49,14 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[list[Any]])
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+
+
+def read_text_file(path: str | os.PathLike, name: str, *, encoding: str = "utf-8") -> str:
+    """The text of ``path``; an undecodable or unreadable file is a one-line UserError that
+    starts with ``name`` (e.g. ``"config file 'c.yaml'"``)."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{name}: cannot be read ({e.strerror})") from None

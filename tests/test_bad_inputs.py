@@ -205,7 +205,7 @@ DATA_CASES = [
         "csv:m.csv", "m.csv: line 2: column 'split' has 'dev'",
         setup=lambda w: _csv(w, "path,label,split\nimg/0.png,cat,dev\n"))),
     _named("data-csv-not-utf8", _noise(
-        "csv:m.csv", "m.csv: not a UTF-8 text file",
+        "csv:m.csv", "m.csv: not UTF-8 text",
         setup=lambda w: _csv(w, b"path,label\nimg/0.png,\xff\xfe\n"))),
     _named("data-json-not-a-list", _noise(
         "json:m.json", "m.json: expected a JSON list",
@@ -268,7 +268,7 @@ CONFIG_CASES = [
         "", ["run", "--config", "c.yaml", "--out", "out"], "unknown config key 'optim.lrr'",
         setup=lambda w: _write(w / "c.yaml", "optim:\n  lrr: 0.1\n"))),
     _named("config-file-not-utf8", _case(
-        "", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml' is not UTF-8 text",
+        "", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml': not UTF-8 text",
         setup=lambda w: _write(w / "c.yaml", b"seed: \xff\xfe\n"))),
     _named("config-file-impossible-date", _case(
         "", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml' is not valid YAML",
@@ -320,7 +320,7 @@ CLI_CASES = [
         "", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml' is not valid YAML",
         setup=lambda w: _write(w / "s.yaml", "name: [x\n"))),
     _named("cli-bench-suite-not-utf8", _case(
-        "", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml' is not UTF-8 text",
+        "", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml': not UTF-8 text",
         setup=lambda w: _write(w / "s.yaml", b"name: \xff\n"))),
 ]
 

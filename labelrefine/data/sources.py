@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..io import read_text_file
 from ..progress import progress
 from . import cache as _cache
 from .imageset import DataSplits, ImageSet
@@ -437,12 +438,7 @@ class _CsvTable:
 
 
 def _read_csv_table(file: Path) -> _CsvTable:
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{file}: cannot read ({e.strerror})") from None
+    text = read_text_file(file, str(file), encoding="utf-8-sig")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -711,13 +707,11 @@ def _plan_csv(path: str, options: dict[str, str | bool]) -> _Plan:
 
 def _read_json_manifest(file: Path) -> tuple[list[str], np.ndarray]:
     """Paths (as written) and int64 ``(N,)`` labels of a ``[{"name": ..., "label": int}]`` file."""
+    text = read_text_file(file, str(file), encoding="utf-8-sig")
     try:
-        with open(file, encoding="utf-8-sig") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{file}: not a UTF-8 text file ({e.reason})") from None
     if not isinstance(data, list):
         raise UserError(
             f'{file}: expected a JSON list of {{"name": path, "label": int}}, got {type(data).__name__}'
