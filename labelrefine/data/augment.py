@@ -268,8 +268,9 @@ class ResizedCropFlip(nn.Module):
     the centre; integer offsets uniform over the positions where the box fits. The box is
     resampled to ``size`` at the sampling positions of torchvision's crop + bilinear resize
     (half-pixel centres, clamped to the box, no antialias); the flip mirrors them. One
-    ``grid_sample`` for the batch: ≈ 2× faster than kornia's RandomResizedCrop + flip (a warp
-    per sample, which also blends in pixels from outside the box at its edges).
+    ``grid_sample`` for the batch: ≈ 7× faster than kornia's RandomResizedCrop + flip (2.3 vs
+    16 ms for 256 32×32 images on 2 cores; kornia warps each sample, and at the box's edges
+    blends in pixels from outside it).
     """
 
     ATTEMPTS = 10
