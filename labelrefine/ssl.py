@@ -23,7 +23,7 @@ from . import distributed as ddp
 from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
 from .losses import nt_xent
 from .progress import progress
-from .store import StoreError
+from .store import LegacyFile, StoreError
 from .store import load as store_load
 from .store import save as store_save
 
@@ -81,6 +81,10 @@ def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
         return False
     try:
         state = store_load(path, kind=ENCODER_FORMAT, name="SSL cache")
+    except LegacyFile:  # written before checksums: not trusted, pretrained again (once)
+        log.info("SSL cache %s has no checksum header (an older labelrefine's file, or not ours); "
+                 "pretraining again", path)
+        return False
     except StoreError as e:  # a damaged cache file must not stop a run: pretrain again
         log.warning("ignoring unreadable SSL cache: %s; pretraining again", e)
         return False

@@ -32,7 +32,7 @@ import PIL
 import torch
 
 from ..errors import UserError
-from ..store import StoreError
+from ..store import LegacyFile, StoreError
 from ..store import load as store_load
 from ..store import save as store_save
 
@@ -107,6 +107,9 @@ def load_images(file: Path, key: CacheKey, counts: Mapping[str, int]) -> dict[st
         return None
     try:
         blob = store_load(file, kind=STORE_FORMAT, name="image cache")
+    except LegacyFile:  # written before checksums: not trusted, decoded again (once)
+        log.info("cache %s has no checksum header (an older labelrefine's file, or not ours); decoding again", file)
+        return None
     except StoreError as e:  # a damaged cache must never stop a run
         log.warning("ignoring unreadable cache file: %s; decoding again", e)
         return None
