@@ -32,16 +32,19 @@ from .data.noise import NoiseResult, apply_noise, check_noise_type
 from .engine import Context, EpochSpec, backbone_kwargs, resolve_device, to_device
 from .errors import UserError
 from .evaluation import Oracle, accuracy
-from .io import atomic_path, write_csv, write_json, write_text
+from .io import write_csv, write_json, write_text
 from .methods import get_method
 from .predict import MODEL_FORMAT
 from .progress import progress
+from .store import StoreError
+from .store import load as store_load
+from .store import save as store_save
 
 log = logging.getLogger("labelrefine")
 
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "labels.csv", "summary.json", "model.pt", "report.html",
              "checkpoint.pt")
-CHECKPOINT_FORMAT = "labelrefine-checkpoint-v1"
+CHECKPOINT_FORMAT = "labelrefine-checkpoint-v2"  # v2: checksummed store file of plain values (labelrefine.store)
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,14 +159,22 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state(ctx: Context) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors and plain values (a checkpoint loads with ``weights_only``)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+            "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "batches": ctx.generator.get_state()}
 
 
 def _set_rng_state(ctx: Context, state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -184,13 +195,15 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
+    """The checkpoint at ``path``, checksum-verified and unpickled with ``weights_only``; a one-line
+    UserError for anything else (a directory, a damaged or foreign file, another format, another config)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or use --overwrite") \
-            from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a labelrefine checkpoint")
+        ckpt = store_load(path, kind=CHECKPOINT_FORMAT, name="checkpoint")
+    except StoreError as e:
+        raise UserError(f"{e}; it cannot be resumed: delete it or use --overwrite") from None
+    if not isinstance(ckpt, dict) or not {"config_hash", "schedule", "method", "rng", "engine"} <= set(ckpt):
+        raise UserError(f"checkpoint {path} is not a labelrefine checkpoint (its fields are missing); "
+                        f"delete it or use --overwrite")
     if ckpt.get("config_hash") != config_hash(cfg):
         raise UserError(f"checkpoint {path} was written with another config (hash {ckpt.get('config_hash')}, "
                         f"now {config_hash(cfg)}); resume with the same config or use --overwrite")
@@ -262,7 +275,7 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
         progress_mod.configure("off")
     _check_out_dir(out, resume=resume, overwrite=overwrite)
     ckpt = None
-    if resume and (out / "checkpoint.pt").is_file():
+    if resume and (out / "checkpoint.pt").exists():  # a directory there: _load_checkpoint says so
         ckpt = _load_checkpoint(out / "checkpoint.pt", cfg)
     elif resume:
         # Stopped before its first checkpoint: start again, but only with the same config.
@@ -412,8 +425,7 @@ def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context,
     ckpt = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "config": config_to_dict(cfg), "data": data,
             "schedule": [{**s.as_dict(), "supervised": s.supervised} for s in schedule],
             "method": method_state, "rng": _rng_state(ctx), "engine": state}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    store_save(path, ckpt, kind=CHECKPOINT_FORMAT)
 
 
 def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, state: dict,
@@ -434,14 +446,13 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
 
     best = state["best"]
     nets = best["networks"] if best is not None else {k: v.state_dict() for k, v in method.networks().items()}
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save({
-            "format": MODEL_FORMAT, "method": cfg.method, "backbone": cfg.model.backbone,
-            "backbone_kwargs": backbone_kwargs(cfg), "in_channels": ctx.channels, "image_size": list(ctx.image_size),
-            "num_classes": ctx.num_classes, "classes": classes, "mean": list(ctx.mean), "std": list(ctx.std),
-            "networks": nets, "selected_epoch": None if best is None else best["epoch"],
-            "config": config_to_dict(cfg), "code_version": code_version(),
-        }, tmp)
+    store_save(out / "model.pt", {
+        "format": MODEL_FORMAT, "method": cfg.method, "backbone": cfg.model.backbone,
+        "backbone_kwargs": backbone_kwargs(cfg), "in_channels": ctx.channels, "image_size": list(ctx.image_size),
+        "num_classes": ctx.num_classes, "classes": classes, "mean": list(ctx.mean), "std": list(ctx.std),
+        "networks": nets, "selected_epoch": None if best is None else best["epoch"],
+        "config": config_to_dict(cfg), "code_version": code_version(),
+    }, kind=MODEL_FORMAT)
 
     summary = {
         "method": cfg.method, "data": cfg.data.spec, "dataset": prep.name, "seed": cfg.seed,

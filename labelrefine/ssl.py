@@ -21,13 +21,17 @@ from torch import nn
 
 from . import distributed as ddp
 from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
-from .io import atomic_path
 from .losses import nt_xent
 from .progress import progress
+from .store import LegacyFile, StoreError
+from .store import load as store_load
+from .store import save as store_save
 
 log = logging.getLogger("labelrefine")
 
 CACHE_VERSION = 2  # 2: the strong augmentation's crop is ResizedCropFlip (was kornia's)
+#: The cache file's format (labelrefine.store): checksummed, unpickled with weights_only.
+ENCODER_FORMAT = "labelrefine-ssl-encoder-v1"
 
 
 class ProjectionHead(nn.Module):
@@ -76,14 +80,24 @@ def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
     if path is None or not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location=ctx.device, weights_only=True)
-        missing, unexpected = model.load_state_dict(state["encoder"], strict=False)
-    except Exception as e:  # a damaged cache file must not stop a run: pretrain again
-        log.warning("ignoring unreadable SSL cache %s (%s)", path, e)
+        state = store_load(path, kind=ENCODER_FORMAT, name="SSL cache")
+    except LegacyFile:  # written before checksums: not trusted, pretrained again (once)
+        log.info("SSL cache %s has no checksum header (an older labelrefine's file, or not ours); "
+                 "pretraining again", path)
         return False
-    if unexpected or any(not k.startswith("fc.") for k in missing):
+    except StoreError as e:  # a damaged cache file must not stop a run: pretrain again
+        log.warning("ignoring unreadable SSL cache: %s; pretraining again", e)
+        return False
+    # Check names, shapes and dtypes before copying anything: a partial copy would change the
+    # model that is then pretrained again.
+    encoder = state.get("encoder") if isinstance(state, dict) else None
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if not isinstance(encoder, dict) or set(encoder) != set(target) or any(
+            not isinstance(encoder[k], torch.Tensor) or encoder[k].shape != v.shape or encoder[k].dtype != v.dtype
+            for k, v in target.items()):
         log.warning("ignoring SSL cache %s: it does not fit the model", path)
         return False
+    model.load_state_dict(encoder, strict=False)
     log.info("SimCLR encoder loaded from cache %s", path)
     return True
 
@@ -93,8 +107,7 @@ def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
     if path is None or not ddp.is_main():
         return
     encoder = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    with atomic_path(path) as tmp:
-        torch.save({"encoder": encoder, "info": info}, tmp)
+    store_save(path, {"encoder": encoder, "info": info}, kind=ENCODER_FORMAT)
     log.info("SimCLR encoder cached at %s", path)
 
 

@@ -19,10 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _store_helpers import code_payload, random_bytes_in_tensor
 from conftest import TINY
 from PIL import Image
 
+from labelrefine import store
 from labelrefine.cli import main
+from labelrefine.predict import MODEL_FORMAT
+from labelrefine.run import CHECKPOINT_FORMAT
 
 # The config of the fixture runs: a resume with exactly these settings matches their checkpoints.
 RUN_SETS = [*TINY, "method=ce", "epochs=1", "ssl.epochs=0"]
@@ -95,8 +99,10 @@ def _damage_checkpoint(how: str) -> Callable[[Path, Path], None]:
             ckpt.write_bytes(b"")
         elif how == "foreign":
             torch.save({"format": "someone-elses-checkpoint", "weights": [1, 2, 3]}, ckpt)
+        elif how == "foreign-store":
+            store.save(ckpt, {"format": "someone-elses-checkpoint", "weights": [1, 2, 3]}, kind="someones-ckpt-v1")
         elif how == "list":
-            torch.save([1, 2, 3], ckpt)
+            store.save(ckpt, [1, 2, 3], kind=CHECKPOINT_FORMAT)
 
     return setup
 
@@ -107,9 +113,9 @@ def _npz_changed_classes(legacy: bool) -> Callable[[Path, Path], None]:
         out = _copy_run(runs, w, "npz_run")
         _npz(w / "data.npz", 4)
         if legacy:  # a checkpoint written before checkpoints recorded the data's class count
-            ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+            ckpt = store.load(out / "checkpoint.pt", kind=CHECKPOINT_FORMAT, name="checkpoint")
             ckpt.pop("data", None)
-            torch.save(ckpt, out / "checkpoint.pt")
+            store.save(out / "checkpoint.pt", ckpt, kind=CHECKPOINT_FORMAT)
 
     return setup
 
@@ -328,14 +334,18 @@ RESUME = ["run", *_sets(RUN_SETS), "--resume", "--out", "out"]
 RESUME_NPZ = ["run", *_sets(NPZ_SETS), "--resume", "--out", "out"]
 
 CHECKPOINT_CASES = [
-    _named("ckpt-truncated", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+    _named("ckpt-truncated", _case("", RESUME, "checkpoint out/checkpoint.pt is truncated", "--overwrite",
                                    setup=_damage_checkpoint("truncate"), needs_runs=True)),
-    _named("ckpt-random-bytes", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+    _named("ckpt-random-bytes", _case("", RESUME, "checkpoint out/checkpoint.pt is not a labelrefine file",
                                       setup=_damage_checkpoint("random"), needs_runs=True)),
-    _named("ckpt-empty-file", _case("", RESUME, "checkpoint out/checkpoint.pt is unreadable",
+    _named("ckpt-empty-file", _case("", RESUME, "checkpoint out/checkpoint.pt is empty",
                                     setup=_damage_checkpoint("empty"), needs_runs=True)),
-    _named("ckpt-foreign-format", _case("", RESUME, "checkpoint out/checkpoint.pt is not a labelrefine checkpoint",
-                                        setup=_damage_checkpoint("foreign"), needs_runs=True)),
+    _named("ckpt-foreign-format", _case(
+        "", RESUME, "checkpoint out/checkpoint.pt is a plain torch file without labelrefine's checksum header",
+        setup=_damage_checkpoint("foreign"), needs_runs=True)),
+    _named("ckpt-foreign-store-kind", _case(
+        "", RESUME, "checkpoint out/checkpoint.pt is a someones-ckpt-v1 file, not a labelrefine-checkpoint-v2 file",
+        setup=_damage_checkpoint("foreign-store"), needs_runs=True)),
     _named("ckpt-not-a-dict", _case("", RESUME, "checkpoint out/checkpoint.pt is not a labelrefine checkpoint",
                                     setup=_damage_checkpoint("list"), needs_runs=True)),
     _named("ckpt-other-config", _case(
@@ -363,7 +373,109 @@ CHECKPOINT_CASES = [
                                     y_train=np.arange(90) % 3)), needs_runs=True)),
 ]
 
-CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES
+def _store_file(name: str, how: str, **fields) -> Callable[[Path, Path], None]:
+    """The digits run's ``name`` (checkpoint.pt or model.pt), damaged or rewritten as ``how`` says."""
+    kind = CHECKPOINT_FORMAT if name == "checkpoint.pt" else MODEL_FORMAT
+
+    def setup(w: Path, runs: Path) -> None:
+        out = _copy_run(runs, w)
+        path = out / name
+        if how == "runs-code":  # issue 13 item 1: a plain torch file whose pickle runs `touch w/pwned`
+            path.write_bytes(code_payload(w / "pwned"))
+        elif how == "runs-code-framed":  # the same pickle behind a valid header and checksum
+            path.write_bytes(store.frame(kind, code_payload(w / "pwned")))
+        elif how == "tensor-bytes":  # issue 13 item 2: 64 random bytes inside a tensor
+            random_bytes_in_tensor(path)
+        elif how == "directory":
+            path.unlink()
+            path.mkdir()
+        elif how == "appended":
+            path.write_bytes(path.read_bytes() + b"\x00" * 10)
+        elif how == "bad-header":
+            data = path.read_bytes()
+            path.write_bytes(data.replace(b" ", b"  ", 1))
+        elif how == "swap":  # the other file of the run in its place
+            shutil.copy(out / ("model.pt" if name == "checkpoint.pt" else "checkpoint.pt"), path)
+        elif how == "newer":
+            store.save(path, store.load(path, kind=kind, name=name), kind=kind[:-1] + "9")
+        elif how == "edit":
+            blob = store.load(path, kind=kind, name=name)
+            for key, value in fields.items():
+                if value is None:
+                    blob.pop(key)
+                else:
+                    blob[key] = value(blob) if callable(value) else value
+            store.save(path, blob, kind=kind)
+
+    return setup
+
+
+def _inf_weight(blob: dict) -> dict:
+    nets = blob["networks"]
+    state = next(iter(nets.values()))
+    key = next(k for k, t in state.items() if t.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("inf")
+    return nets
+
+
+PREDICT = ["predict", "--model", "out/model.pt", "imgs", "--out", "preds.csv"]
+MODEL = "model file out/model.pt"
+
+
+def _predict(id: str, how: str, *needles: str, **fields) -> Case:
+    return _case(id, PREDICT, *needles, setup=_store_file("model.pt", how, **fields), needs_runs=True,
+                 out="preds.csv")
+
+
+def _resume(id: str, how: str, *needles: str) -> Case:
+    return _case(id, RESUME, "checkpoint out/checkpoint.pt", *needles, setup=_store_file("checkpoint.pt", how),
+                 needs_runs=True)
+
+
+STORE_CASES = [
+    _resume("store-ckpt-pickle-runs-code", "runs-code", "plain torch file without labelrefine's checksum header"),
+    _resume("store-ckpt-pickle-runs-code-framed", "runs-code-framed",
+            "holds objects other than tensors and plain containers"),
+    _resume("store-ckpt-random-bytes-in-tensor", "tensor-bytes", "is damaged (SHA-256 checksum mismatch)"),
+    _resume("store-ckpt-is-a-directory", "directory", "is a directory", "--overwrite"),
+    _resume("store-ckpt-appended-bytes", "appended", "is damaged (10 bytes after the end of its payload)"),
+    _resume("store-ckpt-bad-header", "bad-header", "is damaged (unreadable header)"),
+    _resume("store-ckpt-is-a-model", "swap", "is a labelrefine-model-v2 file, not a labelrefine-checkpoint-v2 file"),
+    _resume("store-ckpt-newer-format", "newer", "written by another labelrefine version",
+            "format labelrefine-checkpoint-v9"),
+    _predict("store-model-pickle-runs-code", "runs-code", MODEL,  # a v1 model.pt is loaded with weights_only
+             "holds objects other than tensors and plain containers (it asks for", "system)"),
+    _predict("store-model-pickle-runs-code-framed", "runs-code-framed", MODEL,
+             "holds objects other than tensors and plain containers"),
+    _predict("store-model-random-bytes-in-tensor", "tensor-bytes", MODEL, "is damaged (SHA-256 checksum mismatch)"),
+    _predict("store-model-truncated", "appended", MODEL, "is damaged (10 bytes after the end of its payload)"),
+    _predict("store-model-is-a-checkpoint", "swap", MODEL,
+             "is a labelrefine-checkpoint-v2 file, not a labelrefine-model-v2 file"),
+    _predict("store-model-newer-format", "newer", MODEL, "written by another labelrefine version"),
+    _predict("store-model-no-networks", "edit", MODEL, "field 'networks' holds no network", networks={}),
+    _predict("store-model-nan-mean", "edit", MODEL, "field 'mean' holds a non-finite value",
+             mean=lambda b: [float("nan")] * len(b["mean"])),
+    _predict("store-model-zero-std", "edit", MODEL, "field 'std' must be positive",
+             std=lambda b: [0.0] * len(b["std"])),
+    _predict("store-model-huge-image-size", "edit", MODEL, "field 'image_size' [100000, 100000] is outside 1..4096",
+             image_size=[100000, 100000]),
+    _predict("store-model-image-size-not-ints", "edit", MODEL, "field 'image_size' must be [height, width]",
+             image_size=[8.0, 8]),
+    _predict("store-model-bad-channels", "edit", MODEL, "field 'in_channels' must be 1 or 3", in_channels=2),
+    _predict("store-model-duplicate-classes", "edit", MODEL, "field 'classes' names '0' twice",
+             classes=lambda b: ["0", *b["classes"][:-1]]),
+    _predict("store-model-class-count", "edit", MODEL, "field 'classes' has 9 names but num_classes is 10",
+             classes=lambda b: b["classes"][:-1]),
+    _predict("store-model-classes-not-strings", "edit", MODEL, "field 'classes' must be a list of class names",
+             classes=lambda b: list(range(len(b["classes"])))),
+    _predict("store-model-missing-field", "edit", MODEL, "field 'backbone' is missing", backbone=None),
+    _predict("store-model-infinite-weight", "edit", MODEL, "has non-finite weights", networks=_inf_weight),
+    _predict("store-model-backbone-option", "edit", MODEL, "is damaged or from another version",
+             backbone_kwargs={"width": 10**12}),
+]
+
+CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES
 
 
 def test_corpus_is_large_and_ids_unique():
@@ -432,7 +544,8 @@ def test_resume_with_unchanged_data_passes_the_data_check(finished_runs: Path, t
     monkeypatch.chdir(tmp_path)
     _copy_run(finished_runs, tmp_path, "npz_run")
     shutil.copy(finished_runs / "data.npz", tmp_path / "data.npz")
-    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["data"]["num_classes"] == 3
+    ckpt = store.load(tmp_path / "out" / "checkpoint.pt", kind=CHECKPOINT_FORMAT, name="checkpoint")
+    assert ckpt["data"]["num_classes"] == 3
     assert main(["-q", *RESUME_NPZ]) == 0
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_train"] == 54

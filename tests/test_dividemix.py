@@ -24,6 +24,7 @@ from labelrefine.methods.dividemix import (
     uniform_prior_penalty,
 )
 from labelrefine.run import default_cache_dir, prepare_data
+from labelrefine.store import check_plain
 
 # -- pure pieces --------------------------------------------------------------------------------
 
@@ -133,10 +134,12 @@ def _drive(method, specs, started: bool = False) -> list[dict]:
 
 
 def _roundtrip(state: dict) -> dict:
+    """Through bytes as a checkpoint goes: plain values only, loaded with ``weights_only``."""
+    check_plain(state)
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=True)
 
 
 def _first_conv(model: torch.nn.Module) -> torch.Tensor:

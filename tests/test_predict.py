@@ -13,8 +13,10 @@ from PIL import Image
 
 from labelrefine.cli import main
 from labelrefine.config import load_config
-from labelrefine.predict import load_model
+from labelrefine.predict import MODEL_FORMAT, load_model
 from labelrefine.run import run
+from labelrefine.store import load as store_load
+from labelrefine.store import save as store_save
 
 CLASSES = ['green & <"blue">', "red", "white"]  # sorted, as imagefolder orders its classes
 COLOURS = [(30, 160, 200), (200, 30, 30), (230, 230, 230)]
@@ -115,16 +117,16 @@ def test_predict_errors(trained, tmp_path, capsys):
     images = str(root / "new")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
-    blob = torch.load(model, weights_only=True)
+    blob = store_load(model, kind=MODEL_FORMAT, name="model file")
     blob["networks"] = {"net": {"nonsense": torch.zeros(1)}}
-    torch.save(blob, tmp_path / "damaged.pt")
+    store_save(tmp_path / "damaged.pt", blob, kind=MODEL_FORMAT)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     cases = [
         (["--model", str(tmp_path / "nope.pt"), images], "does not exist"),
         (["--model", str(root / "run"), images], "is a directory"),
-        (["--model", str(tmp_path / "junk.pt"), images], "unreadable"),
+        (["--model", str(tmp_path / "junk.pt"), images], "junk.pt is not a labelrefine file"),
         (["--model", str(tmp_path / "other.pt"), images], "not a labelrefine model"),
         (["--model", str(tmp_path / "damaged.pt"), images], "damaged"),
         (["--model", str(model), str(tmp_path / "missing")], f"path {tmp_path / 'missing'} does not exist"),

@@ -8,7 +8,8 @@ import pytest
 
 from labelrefine.errors import UserError
 from labelrefine.methods import get_method
-from labelrefine.run import run
+from labelrefine.run import CHECKPOINT_FORMAT, run
+from labelrefine.store import save as store_save
 
 
 class _Stop(Exception):
@@ -72,8 +73,11 @@ def test_resume_without_checkpoint(tiny_config, tmp_path):
         run(tiny_config("method=ce"), tmp_path / "empty", resume=True)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
-def test_damaged_checkpoint_is_a_clear_error(damage, tiny_config, tmp_path):
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", "checkpoint.pt is truncated"), ("garbage", "checkpoint.pt is not a labelrefine file"),
+    ("foreign", "checkpoint.pt is a plain torch file without labelrefine's checksum header"),
+    ("foreign-store", "checkpoint.pt is not a labelrefine checkpoint")])
+def test_damaged_checkpoint_is_a_clear_error(damage, match, tiny_config, tmp_path):
     import torch
 
     cfg = tiny_config("method=ce", "epochs=1")
@@ -83,9 +87,11 @@ def test_damaged_checkpoint_is_a_clear_error(damage, tiny_config, tmp_path):
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     elif damage == "garbage":
         ckpt.write_bytes(b"\x00" * 100)
-    else:
+    elif damage == "foreign":
         torch.save({"format": "something-else"}, ckpt)
+    else:  # a valid store file of the right kind, but not a checkpoint's content
+        store_save(ckpt, {"format": "something-else"}, kind=CHECKPOINT_FORMAT)
     summary = (tmp_path / "out" / "summary.json").read_bytes()
-    with pytest.raises(UserError, match="checkpoint.pt (is unreadable|is not a labelrefine checkpoint)"):
+    with pytest.raises(UserError, match=match):
         run(cfg, tmp_path / "out", resume=True)
     assert (tmp_path / "out" / "summary.json").read_bytes() == summary

@@ -14,8 +14,10 @@ import torch
 from PIL import Image, ImageFile
 
 from labelrefine.data import sources
+from labelrefine.data.cache import STORE_FORMAT
 from labelrefine.data.sources import KNOWN_KINDS, load_data, parse_spec, read_manifest
 from labelrefine.errors import UserError
+from labelrefine.store import save as store_save
 
 CIFAR10_DIR = Path("/work/shared/data/cifar10")
 CIFAR10_CSV = CIFAR10_DIR / "cifar10n_train_labels.csv"
@@ -377,8 +379,8 @@ def test_corrupt_cache_is_ignored(
         assert "ignoring unreadable cache file" in caplog.text
         assert torch.equal(good.train.images, again.train.images)
         caplog.clear()
-    # a valid torch file with the wrong content is also ignored
-    torch.save({"version": 1, "key": "x", "images": {}}, file)
+    # a valid cache file with the wrong content is also ignored
+    store_save(file, {"version": 1, "key": "x", "images": {}}, kind=STORE_FORMAT)
     load_data(spec, cache_dir=cache)
     assert len(decode_counter) == 4 * 8
     assert not list(cache.glob(".*tmp"))  # no temporary files left behind

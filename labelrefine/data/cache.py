@@ -1,8 +1,10 @@
 """On-disk cache of decoded images, so a folder of 60,000 JPEGs is decoded once.
 
 A cache entry holds the decoded images of every split of one data source as one uint8
-``N×C×H×W`` tensor per split, written with :func:`torch.save` and read back with
-``torch.load(weights_only=True)``. Labels and ids are *not* cached: they come from the
+``N×C×H×W`` tensor per split, written with :func:`labelrefine.store.save` and read back with
+:func:`labelrefine.store.load`: its SHA-256 is checked before anything is unpickled, and it is
+unpickled with ``torch.load(weights_only=True)``, so a damaged or planted file is detected and
+decoded again, never used. Labels and ids are *not* cached: they come from the
 (cheap) listing or manifest on every load, so only the expensive part is stored.
 
 Each source (kind, absolute path, resolved options) owns one cache file whose name is a hash
@@ -10,7 +12,7 @@ of those three; inside it sits the full content key (:class:`CacheKey`), which a
 manifest bytes and every image's relative path, size and mtime. A file whose key no longer
 matches is simply overwritten by the next decode, so the cache does not grow when the data
 changes. Files are written atomically (temporary file in the cache directory, then
-:func:`os.replace`); a file that cannot be read is logged and ignored.
+:func:`os.replace`); a file that cannot be read, or fails its checksum, is logged and ignored.
 
 The cache never lives next to the data: it is ``cache_dir`` if given, else the environment
 variable ``LABELREFINE_CACHE``, else ``~/.cache/labelrefine``.
@@ -18,23 +20,28 @@ variable ``LABELREFINE_CACHE``, else ``~/.cache/labelrefine``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import PIL
 import torch
 
+from ..errors import UserError
+from ..store import LegacyFile, StoreError
+from ..store import load as store_load
+from ..store import save as store_save
+
 log = logging.getLogger("labelrefine")
 
 #: Bump when the decoding or the stored layout changes; old entries then stop matching.
 FORMAT_VERSION = 1
+#: The cache file's format (labelrefine.store): checksummed, unpickled with weights_only.
+STORE_FORMAT = "labelrefine-image-cache-v2"
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
@@ -99,7 +106,14 @@ def load_images(file: Path, key: CacheKey, counts: Mapping[str, int]) -> dict[st
     if not file.is_file():
         return None
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
+        blob = store_load(file, kind=STORE_FORMAT, name="image cache")
+    except LegacyFile:  # written before checksums: not trusted, decoded again (once)
+        log.info("cache %s has no checksum header (an older labelrefine's file, or not ours); decoding again", file)
+        return None
+    except StoreError as e:  # a damaged cache must never stop a run
+        log.warning("ignoring unreadable cache file: %s; decoding again", e)
+        return None
+    try:
         if not isinstance(blob, dict) or blob.get("version") != FORMAT_VERSION:
             log.info("cache %s has another format version; decoding again", file)
             return None
@@ -122,20 +136,10 @@ def load_images(file: Path, key: CacheKey, counts: Mapping[str, int]) -> dict[st
 
 def save_images(file: Path, key: CacheKey, images: Mapping[str, torch.Tensor]) -> None:
     """Write the decoded images atomically; log (do not raise) when the cache is not writable."""
-    tmp: str | None = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": FORMAT_VERSION, "key": key.hexdigest(), "images": dict(images)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-        tmp = None
+        store_save(file, {"version": FORMAT_VERSION, "key": key.hexdigest(), "images": dict(images)},
+                   kind=STORE_FORMAT)
         log.info("cached decoded images in %s", file)
-    except OSError as e:
+    except (OSError, UserError) as e:  # UserError: a write error as labelrefine.io reports it
         log.warning("could not write the image cache %s (%s); continuing without it", file, e)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
