@@ -233,19 +233,20 @@ def _unit(*, lo_open: bool = False, hi_open: bool = False) -> Range:
     return Range(0.0, 1.0, lo_open, hi_open)
 
 
+# Both seeds: np.random.seed takes [0, 2**32 - 1] and a run also seeds ``seed + 1`` (the fine-tune phase).
+SEEDS = Range(0, 2**32 - 2)
 _TAU = Range(0.0, 1.0, hi_open=True, also=(-1.0,), meaning="the noise rate")
 
 # Dotted key -> allowed range, for every int and float field of RunConfig (and list[int] items);
 # tests/test_config.py fails when a numeric field has no entry here. The bounds follow what the
 # code using the field accepts or means (see each field's comment).
 RANGES: dict[str, Range] = {
-    # np.random.seed takes [0, 2**32 - 1] and a run also seeds ``seed + 1`` (the fine-tune phase)
-    "seed": Range(0, 2**32 - 2),
+    "seed": SEEDS,
     "epochs": _at_least(0),
     "threads": Range(0, 1024),  # 0 = torch's default; torch crashes on absurd counts
     "checkpoint_every": _at_least(0),
     "data.noise_rate": _unit(hi_open=True),
-    "data.noise_seed": _at_least(0),  # seeds numpy.random.default_rng (and noise_seed + 1)
+    "data.noise_seed": SEEDS,  # seeds numpy.random.default_rng (and noise_seed + 1): the same rule as seed
     "data.pixel_scale": _above(0.0),
     "data.val_fraction": Range(0.0, 0.5, hi_open=True),
     "data.train_subset": _at_least(0),

@@ -403,7 +403,7 @@ NO_ANCHORS = "YAML anchors and aliases are not allowed"
 CONFIG13_CASES = [
     # item 6: every value the issue lists, then the other ends of the ranges
     _range("seed=-1", "-1 is outside [0, 4294967294]"),
-    _range("data.noise_seed=-5", "-5 is outside [0, 2147483647]"),
+    _range("data.noise_seed=-5", "-5 is outside [0, 4294967294]"),
     _range("threads=-1", "-1 is outside [0, 1024]"),
     _range("optim.weight_decay=-1", "-1.0 is outside [0, inf)"),
     _range("optim.eval_batch_size=0", "0 is outside [1, 2147483647]"),
@@ -442,13 +442,13 @@ CONFIG13_CASES = [
     _range("dividemix.gmm_reg_covar=nan", "outside [0, inf)"),
     _named("config13-noise-seed-negative", _case(
         "", ["noise", "--data", "digits", "--type", "idn", "--rate", "0.2", "--seed", "-1", "--out", "out.csv"],
-        "--seed -1 is outside [0, 2147483647]", out="out.csv")),
+        "--seed -1 is outside [0, 4294967294]", out="out.csv")),
     _named("config13-bench-negative-seed", _case(
         "", ["bench", "s.yaml", "--set", "seed=-3", "--out", "out"], "suite s", "config key 'seed'",
         "-3 is outside [0, 4294967294]", setup=lambda w: _write(w / "s.yaml", SUITE))),
     _named("config13-bench-negative-noise-seed", _case(
         "", ["bench", "s.yaml", "--set", "data.noise_seed=-1", "--out", "out"], "config key 'data.noise_seed'",
-        "-1 is outside [0, 2147483647]", setup=lambda w: _write(w / "s.yaml", SUITE))),
+        "-1 is outside [0, 4294967294]", setup=lambda w: _write(w / "s.yaml", SUITE))),
     _named("config13-suite-method-override-out-of-range", _case(
         "", ["bench", "s.yaml", "--out", "out"], "suite s", "config key 'optim.label_smoothing'", "outside [0, 1)",
         setup=lambda w: _write(w / "s.yaml", SUITE + "method_overrides:\n  ce: [optim.label_smoothing=1]\n"))),
