@@ -188,11 +188,15 @@ def run_config(suite: Suite, setting: Setting, method: str, seed: int, user_over
     else:
         items += [*suite.method_overrides.get(method, []), f"method={method}"]
     items += [f"seed={seed}", f"data.noise_seed={seed}", *user_overrides]
-    apply_overrides(data, items)
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(data, items))
     except UserError as e:
-        raise UserError(f"suite {suite.name}, {setting.name} / {method}: {e}") from None
+        raise UserError(f"suite {_cut(suite.name)}, {_cut(setting.name)} / {method}: {e}") from None
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A name from a suite file, shortened for an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = None,
