@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
-from .errors import UserError
+from .errors import UserError, short_repr
 from .io import write_text
 
 log = logging.getLogger("labelrefine")
@@ -124,9 +124,9 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
 
     if not isinstance(data, dict):
         raise bad("must be a mapping")
-    unknown = sorted(set(data) - SUITE_KEYS)
+    unknown = sorted(set(data) - SUITE_KEYS, key=str)  # YAML keys may be ints, bools or null too
     if unknown:
-        raise bad(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(SUITE_KEYS))}")
+        raise bad(f"unknown key {short_repr(unknown[0])}; known: {', '.join(sorted(SUITE_KEYS))}")
     for key in ("name", "settings", "config"):
         if key not in data:
             raise bad(f"missing key {key!r}")
@@ -138,7 +138,7 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
         raise bad("'methods' must be 'all' or a non-empty list of method names")
     for m in methods:
         if m not in registered:
-            raise bad(f"unknown method {m!r}; registered: {', '.join(registered)}")
+            raise bad(f"unknown method {short_repr(m)}; registered: {', '.join(registered)}")
     settings = []
     if not isinstance(data["settings"], list) or not data["settings"]:
         raise bad("'settings' must be a non-empty list")
@@ -148,22 +148,32 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
         settings.append(Setting(s["name"], [str(x) for x in s.get("set", [])]))
     slugs = [s.slug for s in settings]
     if len(set(slugs)) != len(slugs) or REFERENCE_SETTING in slugs:
-        raise bad(f"setting names must be distinct and not {REFERENCE_SETTING!r}: {[s.name for s in settings]}")
+        raise bad(f"setting names must be distinct and not {REFERENCE_SETTING!r}: "
+                  f"{short_repr([s.name for s in settings])}")
     overrides = data.get("method_overrides") or {}
     if not isinstance(overrides, dict):
         raise bad("'method_overrides' must map method names to KEY=VALUE lists")
     for m, items in overrides.items():
         if m not in registered and m != REFERENCE:
-            raise bad(f"method_overrides: unknown method {m!r}")
-        if not isinstance(items, list):
+            raise bad(f"method_overrides: unknown method {short_repr(m)}")
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise bad(f"method_overrides.{m} must be a list of KEY=VALUE strings")
     if not isinstance(data["config"], dict):
         raise bad("'config' must be a mapping (a run config)")
+    budget = data.get("budget_minutes")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget < math.inf):
+        raise bad(f"'budget_minutes' must be a number of minutes in (0, inf), got {short_repr(budget)}")
+    if not isinstance(data.get("reference", True), bool):
+        raise bad(f"'reference' must be true or false, got {short_repr(data['reference'])}")
+    notes = data.get("profile_notes", [])
+    if not isinstance(notes, list):
+        raise bad(f"'profile_notes' must be a list, got {short_repr(notes)}")
     return Suite(
         name=str(data["name"]), title=str(data.get("title", data["name"])), settings=settings, methods=methods,
-        config=data["config"], reference=bool(data.get("reference", True)),
-        budget_minutes=data.get("budget_minutes"), description=str(data.get("description", "")).strip(),
-        profile_notes=[str(x) for x in data.get("profile_notes", [])],
+        config=data["config"], reference=data.get("reference", True),
+        budget_minutes=budget, description=str(data.get("description", "")).strip(),
+        profile_notes=[str(x) for x in notes],
         method_overrides={k: [str(x) for x in v] for k, v in overrides.items()}, source=source,
     )
 
@@ -178,11 +188,15 @@ def run_config(suite: Suite, setting: Setting, method: str, seed: int, user_over
     else:
         items += [*suite.method_overrides.get(method, []), f"method={method}"]
     items += [f"seed={seed}", f"data.noise_seed={seed}", *user_overrides]
-    apply_overrides(data, items)
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(data, items))
     except UserError as e:
-        raise UserError(f"suite {suite.name}, {setting.name} / {method}: {e}") from None
+        raise UserError(f"suite {_cut(suite.name)}, {_cut(setting.name)} / {method}: {e}") from None
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A name from a suite file, shortened for an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = None,
@@ -194,7 +208,8 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
     if methods:
         unknown = [m for m in methods if m not in suite.methods]
         if unknown:
-            raise UserError(f"--methods: {unknown[0]!r} is not in suite {suite.name} ({', '.join(suite.methods)})")
+            raise UserError(f"--methods: {short_repr(unknown[0])} is not in suite {suite.name} "
+                            f"({', '.join(suite.methods)})")
         chosen = [m for m in suite.methods if m in methods]
     user = list(user_overrides or [])
     runs: list[PlannedRun] = []

@@ -47,6 +47,7 @@ def _format_matrix(matrix, classes: Sequence[str]) -> str:
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
+    from .config import RANGES
     from .data.noise import apply_noise, check_noise_type
     from .data.sources import load_data
     from .io import write_csv
@@ -60,6 +61,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
     rate = 0.0 if args.rate is None else args.rate
     if not fixed and not 0.0 <= rate < 1.0:
         raise UserError(f"--rate {rate} is outside [0, 1)")
+    seeds = RANGES["data.noise_seed"]  # --seed is the config's data.noise_seed
+    if not seeds.contains(args.seed):
+        raise UserError(f"--seed {args.seed} is outside {seeds.describe()}")
     data = load_data(args.data)
     train = data.train
     res = apply_noise(train, args.type, rate, seed=args.seed, pixel_scale=args.pixel_scale)

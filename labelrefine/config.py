@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, short_repr
 from .io import read_text_file
 
 
@@ -174,6 +175,157 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# The allowed range of every numeric field
+
+
+INT_MAX = 2**31 - 1  # the largest count any int field takes (torch sizes and steps are C ints)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric config field must lie in; ``inf`` / ``nan`` never do (an open end
+    at infinity, shown ``inf)``, excludes infinity itself).
+
+    ``also`` lists special values allowed outside the interval (``-1`` = "from the noise rate").
+    For a ``list[int]`` field the range applies to every item.
+    """
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[float, ...] = ()
+    meaning: str = ""  # what the special values in ``also`` mean, for the message
+
+    def contains(self, v: float) -> bool:
+        if v in self.also:
+            return True
+        if isinstance(v, float) and not math.isfinite(v):  # (math.isfinite overflows on huge ints)
+            return False
+        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        def end(x: float) -> str:
+            if isinstance(x, float):
+                return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
+            return str(x)
+
+        return (f"{'(' if self.lo_open or self.lo == -math.inf else '['}{end(self.lo)}, {end(self.hi)}"
+                f"{')' if self.hi_open or self.hi == math.inf else ']'}")
+
+    def complaint(self, v: Any) -> str:
+        """Why ``v`` is refused, naming the allowed range."""
+        if self.also:
+            special = " or ".join(f"{a:g}" for a in self.also)
+            return f"{short_repr(v)} is neither {special} ({self.meaning}) nor in {self.describe()}"
+        return f"{short_repr(v)} is outside {self.describe()}"
+
+
+def _at_least(lo: int | float) -> Range:
+    return Range(lo, INT_MAX) if isinstance(lo, int) else Range(lo)
+
+
+def _above(lo: float) -> Range:
+    return Range(lo, lo_open=True)
+
+
+def _unit(*, lo_open: bool = False, hi_open: bool = False) -> Range:
+    return Range(0.0, 1.0, lo_open, hi_open)
+
+
+# Both seeds: np.random.seed takes [0, 2**32 - 1] and a run also seeds ``seed + 1`` (the fine-tune phase).
+SEEDS = Range(0, 2**32 - 2)
+_TAU = Range(0.0, 1.0, hi_open=True, also=(-1.0,), meaning="the noise rate")
+
+# Dotted key -> allowed range, for every int and float field of RunConfig (and list[int] items);
+# tests/test_config.py fails when a numeric field has no entry here. The bounds follow what the
+# code using the field accepts or means (see each field's comment).
+RANGES: dict[str, Range] = {
+    "seed": SEEDS,
+    "epochs": _at_least(0),
+    "threads": Range(0, 1024),  # 0 = torch's default; torch crashes on absurd counts
+    "checkpoint_every": _at_least(0),
+    "data.noise_rate": _unit(hi_open=True),
+    "data.noise_seed": SEEDS,  # seeds numpy.random.default_rng (and noise_seed + 1): the same rule as seed
+    "data.pixel_scale": _above(0.0),
+    "data.val_fraction": Range(0.0, 0.5, hi_open=True),
+    "data.train_subset": _at_least(0),
+    "data.test_subset": _at_least(0),
+    "model.width": _at_least(1),
+    "optim.lr": _above(0.0),
+    "optim.momentum": _unit(hi_open=True),
+    "optim.weight_decay": _at_least(0.0),
+    "optim.batch_size": _at_least(1),
+    "optim.warmup_lr_epochs": _at_least(0.0),
+    "optim.label_smoothing": _unit(hi_open=True),
+    "optim.eval_batch_size": _at_least(1),
+    "ssl.epochs": _at_least(0),
+    "ssl.temperature": _above(0.0),
+    "ssl.batch_size": _at_least(2),  # NT-Xent needs negatives
+    "ssl.lr": _above(0.0),
+    "ssl.momentum": _unit(hi_open=True),
+    "ssl.weight_decay": _at_least(0.0),
+    "ssl.proj_hidden": _at_least(1),
+    "ssl.proj_dim": _at_least(1),
+    "ssl.crop_scale_min": _unit(lo_open=True),
+    "refine.warmup_epochs": _at_least(0),
+    "refine.iterations": _at_least(0),
+    "refine.first_stages": _at_least(1),
+    "refine.later_stages": _at_least(1),
+    "refine.iteration_epochs": _at_least(0),
+    "refine.threshold": _above(0.0),
+    "refine.quantile": _unit(lo_open=True),
+    "finetune.epochs": _at_least(0),
+    "finetune.lr_scale": _above(0.0),
+    "coteaching.forget_rate": _TAU,
+    "coteaching.num_gradual": _at_least(0),
+    "jocor.lam": _unit(),
+    "jocor.lr": _above(0.0),
+    "jocor.forget_rate": _TAU,
+    "jocor.num_gradual": _at_least(0),
+    "mentornet.percentile": Range(0.0, 100.0),
+    "mentornet.burn_in": _unit(),
+    "mentornet.momentum": _unit(hi_open=True),
+    "dividemix.warmup_epochs": _at_least(0),
+    "dividemix.p_threshold": _unit(),
+    "dividemix.temperature": _above(0.0),
+    "dividemix.alpha": _at_least(0.0),  # 0 = no mixup (losses.mixup)
+    "dividemix.lambda_u": Range(0.0, also=(-1.0,), meaning="from the noise rate"),
+    "dividemix.rampup_epochs": _at_least(0),
+    "dividemix.gmm_max_iter": _at_least(1),
+    "dividemix.gmm_tol": _at_least(0.0),
+    "dividemix.gmm_reg_covar": _at_least(0.0),
+}
+
+
+def numeric_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> annotation of every int, float and list-of-int field under ``cls``."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(numeric_fields(tp, f"{prefix}{f.name}."))
+        elif tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float)):
+            out[prefix + f.name] = tp
+    return out
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Every numeric field within its :data:`RANGES` entry; else a one-line UserError naming
+    the key and its allowed range."""
+    for key in numeric_fields():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        rng = RANGES[key]
+        for i, v in enumerate(value) if isinstance(value, list) else ((None, value),):
+            if not rng.contains(v):
+                item = key if i is None else f"{key}[{i}]"
+                raise UserError(f"config key {item!r}: {rng.complaint(v)}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Conversion and validation
 
 
@@ -191,7 +343,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise UserError(f"config key {key!r}: {value!r} is not one of {_type_name(tp)}")
+            raise UserError(f"config key {key!r}: {short_repr(value)} is not one of {_type_name(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -199,19 +351,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except UserError:
                 continue
-        raise UserError(f"config key {key!r}: {value!r} is not {_type_name(tp)}")
+        raise UserError(f"config key {key!r}: {short_repr(value)} is not {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"config key {key!r}: expected a list, got {value!r}")
+            raise UserError(f"config key {key!r}: expected a list, got {short_repr(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"config key {key!r}: expected true or false, got {value!r}")
+            raise UserError(f"config key {key!r}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config key {key!r}: expected an integer, got {value!r}")
+            raise UserError(f"config key {key!r}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -221,26 +373,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config key {key!r}: expected a number, got {value!r}")
+            raise UserError(f"config key {key!r}: expected a number, got {short_repr(value)}")
         try:
             return float(value)
         except OverflowError:
-            raise UserError(f"config key {key!r}: {value} is too large for a number") from None
+            raise UserError(f"config key {key!r}: {short_repr(value)} is too large for a number") from None
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"config key {key!r}: expected a string, got {value!r}")
+            raise UserError(f"config key {key!r}: expected a string, got {short_repr(value)}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug, not user input
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise UserError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+        raise UserError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints, bools or null too
     if unknown:
-        raise UserError(f"unknown config key {prefix + str(unknown[0])!r}; known in this section: "
+        raise UserError(f"unknown config key {short_repr(prefix + str(unknown[0]))}; known in this section: "
                         f"{', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
@@ -262,12 +414,68 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+MAX_YAML_DEPTH = 32  # nesting levels a config or suite may use (they need about 5)
+_NO_ANCHORS = ": YAML anchors and aliases are not allowed"
+
+
+class YAMLRefused(yaml.YAMLError):
+    """Valid YAML that configs and suites refuse: an anchor or alias (a "billion laughs" bomb
+    expands a few hundred bytes to gigabytes), a repeated key (YAML would keep the last one
+    silently), a merge key, or nesting deeper than :data:`MAX_YAML_DEPTH`."""
+
+    def __init__(self, what: str, mark: Any, note: str = ""):
+        super().__init__(what)
+        self.what, self.note = what, note
+        self.line = mark.line + 1 if mark is not None else None
+
+    def __str__(self) -> str:
+        return (self.what if self.line is None else f"{self.what} at line {self.line}") + self.note
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 booleans: only ``true``/``false`` are booleans.
+    """PyYAML's safe loader with YAML 1.2 booleans and no anchors, aliases or duplicate keys.
 
     YAML 1.1 (PyYAML's default) also reads ``on``/``off``/``yes``/``no`` as booleans, which turns
-    ``amp: off`` into ``False``; here they stay strings.
+    ``amp: off`` into ``False``; here they stay strings. Anchors/aliases, merge keys, repeated
+    keys (at any level) and deep nesting raise :class:`YAMLRefused` while the document is
+    composed, before any value is built, so a YAML bomb fails at once.
     """
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YAMLRefused(f"alias *{event.anchor[:40]}", event.start_mark, _NO_ANCHORS)
+        if getattr(event, "anchor", None) is not None:
+            raise YAMLRefused(f"anchor &{event.anchor[:40]}", event.start_mark, _NO_ANCHORS)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YAMLRefused(f"nesting deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise YAMLRefused("merge key '<<'", key_node.start_mark, ": merge keys are not allowed")
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: SafeConstructor reports it below
+                    continue
+                line = key_node.start_mark.line + 1
+                if seen:
+                    raise YAMLRefused(f"duplicate key {short_repr(key)}", key_node.start_mark,
+                                      f" (first at line {first[key]})")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL = "tag:yaml.org,2002:bool"
@@ -279,7 +487,8 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 
 
 def yaml_load(text: str) -> Any:
-    """Parse YAML text (safe, YAML 1.2 booleans)."""
+    """Parse YAML text (safe, YAML 1.2 booleans); anchors, aliases, merge keys, repeated keys
+    and deep nesting raise :class:`YAMLRefused` (a ``yaml.YAMLError``)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
@@ -293,17 +502,22 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
     text = read_text_file(p, name)
     try:
         return yaml_load(text)
+    except YAMLRefused as e:
+        raise UserError(f"{name}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"{name} is not valid YAML{f' at line {mark.line + 1}' if mark is not None else ''}") from None
     except ValueError as e:  # a scalar PyYAML cannot construct, e.g. the date 2020-13-01
-        raise UserError(f"{name} is not valid YAML ({e})") from None
+        raise UserError(f"{name} is not valid YAML ({str(e)[:120]})") from None
 
 
-def _parse_value(text: str) -> Any:
-    """Parse the right-hand side of ``key=value`` as YAML (so 0.5, true, [2,3,4] work)."""
+def _parse_value(text: str, item: str) -> Any:
+    """Parse the right-hand side of ``key=value`` as YAML (so 0.5, true, [2,3,4] work); text
+    that is not YAML stays a string, refused YAML (an alias, a repeated key) is an error."""
     try:
         return yaml_load(text) if text.strip() else ""
+    except YAMLRefused as e:
+        raise UserError(f"--set {short_repr(item)}: {e}") from None
     except (yaml.YAMLError, ValueError):  # PyYAML raises ValueError for e.g. 2020-13-01 or !!int x
         return text
 
@@ -312,16 +526,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b.c=value`` strings to a nested dict (in place) and return it."""
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+            raise UserError(f"--set {short_repr(item)}: expected KEY=VALUE")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: {part!r} is not a section")
-        value = _parse_value(text)
-        if parts[-1] == "spec" or isinstance(value, (dict,)):
+                raise UserError(f"--set {short_repr(item)}: {short_repr(part)} is not a section")
+        value = text if parts[-1] == "spec" else _parse_value(text, item)
+        if isinstance(value, dict):
             value = text  # data specs contain ':' and ',' and stay strings
         node[parts[-1]] = value
     return data
@@ -343,37 +557,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range checks that a type cannot express."""
+    """Every numeric field in its range (:data:`RANGES`), then what ranges cannot express."""
+    check_ranges(cfg)
+
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise UserError(f"config key {key!r}: {msg}")
 
-    d, r = cfg.data, cfg.refine
-    need(0.0 <= d.noise_rate < 1.0, "data.noise_rate", f"{d.noise_rate} is outside [0, 1)")
-    need(0.0 <= d.val_fraction < 0.5, "data.val_fraction", f"{d.val_fraction} is outside [0, 0.5)")
-    need(d.train_subset >= 0, "data.train_subset", "must be >= 0")
-    need(d.test_subset >= 0, "data.test_subset", "must be >= 0")
-    need(cfg.epochs >= 0, "epochs", "must be >= 0")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(cfg.optim.batch_size > 0, "optim.batch_size", "must be > 0")
-    need(cfg.ssl.epochs >= 0, "ssl.epochs", "must be >= 0")
-    need(cfg.ssl.batch_size >= 2, "ssl.batch_size", "must be >= 2 (NT-Xent needs negatives)")
-    need(cfg.ssl.temperature > 0, "ssl.temperature", "must be > 0")
-    need(r.warmup_epochs >= 0, "refine.warmup_epochs", "must be >= 0")
-    need(r.iterations >= 0, "refine.iterations", "must be >= 0")
+    r = cfg.refine
     for key, stages in (("refine.first_stages", r.first_stages), ("refine.later_stages", r.later_stages)):
-        need(len(stages) > 0 and all(s >= 1 for s in stages), key, f"{stages} must be a non-empty list of epochs >= 1")
-        need(stages == sorted(set(stages)), key, f"{stages} must be strictly increasing")
+        need(len(stages) > 0, key, "must be a non-empty list of epochs >= 1")
+        need(stages == sorted(set(stages)), key, f"{short_repr(stages)} must be strictly increasing")
         if r.iteration_epochs:
             need(max(stages) <= r.iteration_epochs, key,
                  f"stage {max(stages)} lies beyond refine.iteration_epochs={r.iteration_epochs}")
-    need(r.threshold > 0, "refine.threshold", "must be > 0")
-    need(0.0 < r.quantile <= 1.0, "refine.quantile", "must be in (0, 1]")
-    need(cfg.finetune.epochs >= 0, "finetune.epochs", "must be >= 0")
-    need(cfg.model.width >= 1, "model.width", "must be >= 1")
-    need(0.0 <= cfg.mentornet.percentile <= 100.0, "mentornet.percentile", "must be in [0, 100]")
-    need(0.0 <= cfg.dividemix.p_threshold <= 1.0, "dividemix.p_threshold", "must be in [0, 1]")
-    need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
 
 
 def config_hash(cfg: RunConfig) -> str:

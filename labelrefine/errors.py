@@ -15,3 +15,23 @@ class UserError(ValueError):
     def __init__(self, message: str):
         # Keep the message on one line whatever the caller built.
         super().__init__(" ".join(str(message).split()))
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for embedding user input in a message.
+
+    The work is bounded whatever ``value`` is: :mod:`reprlib` looks at only the first few items
+    and levels of a container (a YAML alias structure that would expand to gigabytes stays
+    cheap), and anything whose repr fails shows as ``<type>``.
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 4, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    try:
+        text = r.repr(value)
+    except Exception:  # noqa: BLE001 - a repr that raises (e.g. an int too long for str()) is still shown
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

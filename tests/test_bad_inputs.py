@@ -253,8 +253,8 @@ CONFIG_CASES = [
     _named("config-bad-choice", _run(["optim.optimizer=rmsprop"], "'optim.optimizer'", "'sgd' | 'adam'")),
     _named("config-noise-rate-1.5", _run(["data.noise_rate=1.5"], "'data.noise_rate'", "1.5 is outside [0, 1)")),
     _named("config-val-fraction-0.7", _run(["data.val_fraction=0.7"], "'data.val_fraction'", "outside [0, 0.5)")),
-    _named("config-negative-epochs", _run(["epochs=-1"], "'epochs'", "must be >= 0")),
-    _named("config-zero-batch", _run(["optim.batch_size=0"], "'optim.batch_size'", "must be > 0")),
+    _named("config-negative-epochs", _run(["epochs=-1"], "'epochs'", "-1 is outside [0, 2147483647]")),
+    _named("config-zero-batch", _run(["optim.batch_size=0"], "'optim.batch_size'", "0 is outside [1, 2147483647]")),
     _named("config-stages-not-increasing", _run(["refine.first_stages=[3, 2]"], "'refine.first_stages'",
                                                 "strictly increasing")),
     _named("config-impossible-date", _run(["seed=2020-13-01"], "'seed'", "expected an integer")),
@@ -475,7 +475,130 @@ STORE_CASES = [
              backbone_kwargs={"width": 10**12}),
 ]
 
-CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES
+def laughs(levels: int = 9, width: int = 9) -> str:
+    """The "billion laughs" YAML value of issue 13 (item 3): ``levels`` nested anchors, each
+    aliasing the previous one ``width`` times; 9 x 9 expands ~430 bytes to 387 M strings."""
+    rows = ["&a0 [" + ", ".join(['"lol"'] * width) + "]"]
+    rows += [f"&a{k} [" + ", ".join([f"*a{k - 1}"] * width) + "]" for k in range(1, levels)]
+    return "[" + ",\n  ".join(rows) + "]"
+
+
+# A config that names a missing manifest: a value checked only after the data load would fail
+# with "nope.csv does not exist" instead of naming its key, so every range case below also
+# shows that the ranges are checked before any data is read (and the code before this fix,
+# which accepted the values, fails fast on these cases instead of training).
+NO_DATA = "data:\n  spec: csv:nope.csv\n"
+SUITE = ("name: s\nsettings:\n  - name: a\n    set: [data.noise=idn]\nmethods: [ce]\n"
+         "config:\n  data:\n    spec: csv:nope.csv\n")
+
+
+def _range(kv: str, *needles: str, key: str = "") -> Case:
+    """``run --config c.yaml --set KEY=VALUE``: an out-of-range value, refused before the data load;
+    the error names ``key`` (default: KEY)."""
+    return _named(f"config13-{kv}", _case("", ["run", "--config", "c.yaml", "--set", kv, "--out", "out"],
+                                          f"config key '{key or kv.split('=')[0]}'", *needles,
+                                          setup=lambda w: _write(w / "c.yaml", NO_DATA)))
+
+
+def _config_file(id: str, text: str, *needles: str) -> Case:
+    return _named(id, _case("", ["run", "--config", "c.yaml", "--out", "out"], "config file 'c.yaml'", *needles,
+                            setup=lambda w: _write(w / "c.yaml", text)))
+
+
+def _suite_file(id: str, text: str, *needles: str) -> Case:
+    return _named(id, _case("", ["bench", "s.yaml", "--out", "out"], "suite file 's.yaml'", *needles,
+                            setup=lambda w: _write(w / "s.yaml", text)))
+
+
+NO_ANCHORS = "YAML anchors and aliases are not allowed"
+
+CONFIG13_CASES = [
+    # item 6: every value the issue lists, then the other ends of the ranges
+    _range("seed=-1", "-1 is outside [0, 4294967294]"),
+    _range("data.noise_seed=-5", "-5 is outside [0, 4294967294]"),
+    _range("threads=-1", "-1 is outside [0, 1024]"),
+    _range("optim.weight_decay=-1", "-1.0 is outside [0, inf)"),
+    _range("optim.eval_batch_size=0", "0 is outside [1, 2147483647]"),
+    _range("optim.label_smoothing=2", "2.0 is outside [0, 1)"),
+    _range("finetune.lr_scale=-1", "-1.0 is outside (0, inf)"),
+    _range("optim.lr=inf", "inf is outside (0, inf)"),
+    _range("ssl.lr=nan", "nan is outside (0, inf)"),
+    _range("seed=4294967295", "outside [0, 4294967294]"),  # np.random.seed(seed + 1) would overflow
+    _range("threads=100000", "outside [0, 1024]"),  # torch segfaults
+    _range("optim.lr=-.inf", "-inf is outside (0, inf)"),
+    _range("optim.momentum=1", "1.0 is outside [0, 1)"),
+    _range("optim.warmup_lr_epochs=nan", "nan is outside [0, inf)"),
+    _range("ssl.momentum=-0.5", "outside [0, 1)"),
+    _range("ssl.weight_decay=-1e-4", "outside [0, inf)"),
+    _range("ssl.proj_dim=0", "outside [1, 2147483647]"),
+    _range("ssl.crop_scale_min=0", "0.0 is outside (0, 1]"),
+    _range("ssl.temperature=.inf", "inf is outside (0, inf)"),
+    _range("data.pixel_scale=0", "outside (0, inf)"),
+    _range("refine.threshold=.inf", "inf is outside (0, inf)"),
+    _range("refine.iteration_epochs=-1", "outside [0, 2147483647]"),
+    _range("refine.later_stages=[0, 3]", "0 is outside [1, 2147483647]", key="refine.later_stages[0]"),
+    _range("checkpoint_every=-2", "outside [0, 2147483647]"),
+    _range("coteaching.forget_rate=1", "1.0 is neither -1 (the noise rate) nor in [0, 1)"),
+    _range("jocor.forget_rate=-0.5", "is neither -1 (the noise rate) nor in [0, 1)"),
+    _range("jocor.lam=1.5", "1.5 is outside [0, 1]"),
+    _range("jocor.lr=0", "0.0 is outside (0, inf)"),
+    _range("coteaching.num_gradual=-1", "outside [0, 2147483647]"),
+    _range("mentornet.burn_in=2", "outside [0, 1]"),
+    _range("mentornet.momentum=1", "outside [0, 1)"),
+    _range("dividemix.lambda_u=-2", "-2.0 is neither -1 (from the noise rate) nor in [0, inf)"),
+    _range("dividemix.alpha=-1", "outside [0, inf)"),
+    _range("dividemix.temperature=0", "outside (0, inf)"),
+    _range("dividemix.rampup_epochs=-1", "outside [0, 2147483647]"),
+    _range("dividemix.gmm_max_iter=0", "outside [1, 2147483647]"),
+    _range("dividemix.gmm_tol=-1", "outside [0, inf)"),
+    _range("dividemix.gmm_reg_covar=nan", "outside [0, inf)"),
+    _named("config13-noise-seed-negative", _case(
+        "", ["noise", "--data", "digits", "--type", "idn", "--rate", "0.2", "--seed", "-1", "--out", "out.csv"],
+        "--seed -1 is outside [0, 4294967294]", out="out.csv")),
+    _named("config13-bench-negative-seed", _case(
+        "", ["bench", "s.yaml", "--set", "seed=-3", "--out", "out"], "suite s", "config key 'seed'",
+        "-3 is outside [0, 4294967294]", setup=lambda w: _write(w / "s.yaml", SUITE))),
+    _named("config13-bench-negative-noise-seed", _case(
+        "", ["bench", "s.yaml", "--set", "data.noise_seed=-1", "--out", "out"], "config key 'data.noise_seed'",
+        "-1 is outside [0, 4294967294]", setup=lambda w: _write(w / "s.yaml", SUITE))),
+    _named("config13-suite-method-override-out-of-range", _case(
+        "", ["bench", "s.yaml", "--out", "out"], "suite s", "config key 'optim.label_smoothing'", "outside [0, 1)",
+        setup=lambda w: _write(w / "s.yaml", SUITE + "method_overrides:\n  ce: [optim.label_smoothing=1]\n"))),
+    _named("config13-suite-budget-negative", _case(
+        "", ["bench", "s.yaml", "--out", "out"], "suite s.yaml: 'budget_minutes' must be a number of minutes in "
+        "(0, inf), got -5", setup=lambda w: _write(w / "s.yaml", SUITE + "budget_minutes: -5\n"))),
+    # item 3: the YAML bomb, in a config file, a --set value and a suite file
+    _config_file("config13-file-yaml-bomb", "method: ce\nseed: " + laughs() + "\n", "anchor &a0 at line 2",
+                 NO_ANCHORS),
+    _named("config13-set-yaml-bomb", _case(
+        "", ["run", "--set", "seed=" + laughs(), "--out", "out"], "--set 'seed=[&a0", "anchor &a0 at line 1",
+        NO_ANCHORS)),
+    _suite_file("config13-suite-yaml-bomb", SUITE + "  seed: " + laughs() + "\n", "anchor &a0 at line 9",
+                NO_ANCHORS),
+    _config_file("config13-file-alias-only", "optim:\n  lr: *undefined\n", "alias *undefined at line 2", NO_ANCHORS),
+    _config_file("config13-file-merge-key", NO_DATA + "optim:\n  <<: {lr: 0.1}\n  lr: 0.2\n",
+                 "merge key '<<' at line 4"),
+    _config_file("config13-file-deep-nesting", "seed: " + "[" * 100_000 + "\n",  # was a RecursionError
+                 "nesting deeper than 32 levels at line 1"),
+    _named("config13-file-huge-value-is-shortened", _case(
+        "", ["run", "--config", "c.yaml", "--out", "out"],
+        "config key 'seed': expected an integer, got [12345, 12345, 12345, 12345, 12345, 12345, ...]",
+        setup=lambda w: _write(w / "c.yaml", "seed: [" + ", ".join(["12345"] * 100_000) + "]\n"))),
+    # item 7: duplicate keys, a repeated top-level section and a repeated nested key
+    _config_file("config13-file-duplicate-section", NO_DATA + "optim:\n  lr: 0.05\nseed: 1\noptim:\n  momentum: 0.8\n",
+                 "duplicate key 'optim' at line 6 (first at line 3)"),
+    _config_file("config13-file-duplicate-nested-key", NO_DATA + "optim:\n  lr: 0.05\n  batch_size: 32\n  lr: 0.1\n",
+                 "duplicate key 'lr' at line 6 (first at line 4)"),
+    _named("config13-set-duplicate-key", _case(
+        "", ["run", "--set", "refine={iterations: 1, iterations: 2}", "--out", "out"],
+        "--set 'refine={iterations: 1, iterations: 2}'", "duplicate key 'iterations' at line 1")),
+    _suite_file("config13-suite-duplicate-section", SUITE + "settings:\n  - name: b\n",
+                "duplicate key 'settings' at line 9 (first at line 2)"),
+    _suite_file("config13-suite-duplicate-nested-key", SUITE + "    spec: csv:other.csv\n",
+                "duplicate key 'spec' at line 9 (first at line 8)"),
+]
+
+CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES + CONFIG13_CASES
 
 
 def test_corpus_is_large_and_ids_unique():

@@ -138,6 +138,8 @@ def scratch(tmp_path_factory) -> Path:
 @example(text="::\n0:", as_bytes=False)  # found by this test: sorting int and str keys raised TypeError
 @example(text="seed: 2020-13-01\n", as_bytes=False)  # found by this test: ValueError from PyYAML
 @example(text="seed: 3\n", as_bytes=True)  # not UTF-8: UnicodeDecodeError escaped load_config
+@example(text="seed: " + "[" * 100_000, as_bytes=False)  # issue 13: a RecursionError in PyYAML's composer
+@example(text="optim: {lr: 0.1}\noptim: {lr: 0.2}\n", as_bytes=False)  # issue 13: duplicates were last-wins
 def test_fuzz_config_file(scratch: Path, text: str, as_bytes: bool):
     path = scratch / "config.yaml"
     if as_bytes:  # arbitrary encodings: latin-1 bytes are often not UTF-8
@@ -150,6 +152,40 @@ def test_fuzz_config_file(scratch: Path, text: str, as_bytes: bool):
         _one_line_user_error(e)
         return
     assert isinstance(cfg, RunConfig)
+
+
+_suite_values = st.one_of(_values, st.lists(st.text(max_size=8), max_size=3),
+                          st.lists(st.builds(lambda k, v: f"{k}={v}", _keys, _override_values), max_size=3))
+_settings = st.lists(st.fixed_dictionaries({"name": st.one_of(st.text(max_size=6), _scalars)},
+                                           optional={"set": _suite_values}), max_size=3)
+_suite_dicts = st.fixed_dictionaries(
+    {"name": st.one_of(st.just("s"), _scalars), "settings": st.one_of(_settings, _values)},
+    optional={"methods": st.one_of(st.just("all"), st.lists(st.sampled_from(["ce", "ours", "nope"]), max_size=2),
+                                   _values),
+              "config": st.one_of(_config_dicts, _values), "reference": _scalars, "budget_minutes": _scalars,
+              "profile_notes": _suite_values, "title": _scalars, "description": _scalars,
+              "method_overrides": st.one_of(st.dictionaries(st.sampled_from(["ce", "ours", "ce_clean", "x"]),
+                                                            _suite_values, max_size=2), _values),
+              "surprise": _scalars},
+)
+
+
+@FUZZ
+@given(text=st.one_of(st.builds(lambda d: yaml.safe_dump(d, sort_keys=False), _suite_dicts),
+                      st.text(max_size=200)))
+@example(text="name: s\nsettings: [{name: a}]\nconfig: {}\nprofile_notes: 3\n")  # TypeError before issue 13
+def test_fuzz_suite_file(scratch: Path, text: str):
+    """A suite file loads and plans (every run's config resolved) or is a one-line UserError."""
+    from labelrefine.bench import load_suite, plan
+
+    path = scratch / "suite.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        runs = plan(load_suite(str(path)), scratch / "out", seeds=1)
+    except UserError as e:
+        _one_line_user_error(e)
+        return
+    assert all(isinstance(r.cfg, RunConfig) for r in runs)
 
 
 # --------------------------------------------------------------------------------------------
