@@ -84,7 +84,7 @@ def test_array_conversions_and_errors():
                      ((np.full((2, 4, 4), 300.0), [0, 1]), r"\[0, 255\]"),
                      ((np.full((2, 4, 4), np.nan), [0, 1]), "NaN"),
                      ((np.zeros((3, 4, 4), np.uint8), [0, 1]), "expected 3 labels"),
-                     ((np.zeros((2, 4, 4), np.uint8), [0, -1]), "outside")]:
+                     ((np.zeros((2, 4, 4), np.uint8), [0, -1]), "negative")]:
         with pytest.raises(UserError, match=msg):
             make_data(*bad)
     with pytest.raises(UserError, match="not one of the classes"):

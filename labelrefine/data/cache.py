@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger("labelrefine")
 
 #: Bump when the decoding or the stored layout changes; old entries then stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
