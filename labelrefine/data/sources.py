@@ -655,6 +655,7 @@ def _resolve_label_columns(
         return _resolve_int_labels(tables, label_cols, parsed)
     is_int = {c: all(p[c] is not None for p in parsed if c in p) for c in names}
     if classes is None:
+        _check_label_kinds(tables, label_cols, parsed)
         found: set[str] = set()
         for table, cols in zip(tables, label_cols, strict=True):
             for c in cols:
@@ -697,6 +698,29 @@ def _resolve_label_columns(
                 mapped[c] = lut[inverse.reshape(-1)]
         out.append(mapped)
     return classes, out
+
+
+def _check_label_kinds(
+    tables: Sequence[_CsvTable], label_cols: Sequence[Sequence[str]], parsed: Sequence[dict[str, np.ndarray | None]]
+) -> None:
+    """A test table's label column must be of the manifest's kind (integers or names): where
+    the kinds differ, a test value that is not one of the manifest's values of that column
+    raises :class:`UserError` (it would silently become a class of its own)."""
+    main = tables[0]
+    for table, cols, ints in zip(tables[1:], label_cols[1:], parsed[1:], strict=True):
+        for c in cols:
+            if c not in parsed[0] or (parsed[0][c] is None) == (ints[c] is None):
+                continue
+            known = np.unique(main.columns[c])
+            outside = ~np.isin(table.columns[c], known)
+            if outside.any():
+                bad = int(np.flatnonzero(outside)[0])
+                kind = "class names" if parsed[0][c] is None else "integer labels"
+                raise UserError(
+                    f"{table.file}: line {table.lines[bad]}: column {c!r} has label "
+                    f"{_short(str(table.columns[c][bad]))!r}, not one of the training classes "
+                    f"({_class_list(known.tolist())}: {main.file.name} has {kind})"
+                )
 
 
 def _resolve_int_labels(
