@@ -317,9 +317,9 @@ def _walk_images(folder: str | Path, rel: str) -> Iterator[tuple[os.DirEntry, st
     Yields each file's ``DirEntry`` and its id: ``rel`` + ``/`` + the path below ``folder``
     with forward slashes. Symbolic links are followed, except that a link to a folder that
     contains it (a loop, which would list the same images without end) raises
-    :class:`UserError` naming the link; a link that cannot be resolved (dangling, or a loop of
-    links) is skipped with a warning when it has an image extension, silently otherwise. A
-    folder that cannot be listed raises :class:`UserError`.
+    :class:`UserError` naming the link; a link that cannot be resolved is skipped, with a
+    warning when it is a loop of links or has an image extension (a dangling link to a
+    non-image stays silent). A folder that cannot be listed raises :class:`UserError`.
     """
     stack = [(str(folder), rel, (_folder_key(str(folder)),))]
     while stack:
@@ -332,7 +332,14 @@ def _walk_images(folder: str | Path, rel: str) -> Iterator[tuple[os.DirEntry, st
         for e in entries:
             if e.name.startswith("."):
                 continue
-            if e.is_dir():
+            try:
+                is_dir = e.is_dir()
+            except OSError as err:  # ELOOP: a link to itself, or a cycle of links
+                if not e.is_symlink():
+                    raise UserError(f"cannot read {e.path} ({err.strerror})") from None
+                log.warning("%s: skipped: a symbolic link that does not resolve (%s)", e.path, err.strerror)
+                continue
+            if is_dir:
                 key = _folder_key(e.path) if e.is_symlink() else _entry_key(e)
                 if key in ancestors:
                     raise UserError(
