@@ -417,7 +417,8 @@ DATA13_CASES = [
                          _write(w / "t.csv", "path,label\nimg/2.png,cat\nimg/3.png,dog\n")))),
     _named("data13-csv-train-names-test-ints", _noise(
         "csv:m.csv,test=t.csv",
-        "t.csv: line 2: column 'label' has label '0', not one of the training classes (cat, dog: m.csv has class names)",
+        "t.csv: line 2: column 'label' has label '0', not one of the training classes (cat, dog: m.csv has class "
+        "names)",
         setup=lambda w: (_csv(w, "path,label\nimg/0.png,cat\nimg/1.png,dog\n"),
                          _write(w / "t.csv", "path,label\nimg/2.png,0\nimg/3.png,1\n")))),
     _named("data13-csv-duplicate-path", _noise(
