@@ -1027,6 +1027,7 @@ def test_class_names_and_short_messages():
         sources.check_class_names(["a", "b", "a"], "classes")
     with pytest.raises(UserError, match=r"^classes: empty class name$"):
         sources.check_class_names(["a", ""], "classes")
-    assert sources._short(10**300) == "a 301-digit number" and len(sources._short("x" * 1000)) == 60
+    assert sources._short(10**300) == "a number of about 301 digits" and len(sources._short("x" * 1000)) == 60
+    assert sources._short(10**30) == str(10**30) and sources._short(7 ** 9000).startswith("a number of about")
     assert sources.printable_name("café/x.png") == "café/x.png"
     assert sources.printable_name(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"

@@ -21,6 +21,22 @@ Common options: ``size=S`` or ``size=HxW`` resizes every image (PIL bilinear); `
 converts (default: 1 when every training image is grayscale, else 3).
 
 Decoded image files (imagefolder, csv, json) are cached; see :mod:`labelrefine.data.cache`.
+
+Rules every loader follows:
+
+* Integer labels without a class list name their classes by value, as folder names do: the
+  classes are the distinct values present (all splits), ascending, named ``str(value)``; so
+  labels ``0..C-1`` that all occur keep their indices, and labels {0, 100000000} are 2 classes.
+  With ``classes=`` (or an npz's ``class_names``) integers are indices into that list.
+* A CSV test table must use the manifest's kind of labels (integers or names); an image listed
+  twice (within a split or across splits; paths compared after normalisation) is an error
+  naming both lines (CSV) or entries (JSON).
+* Ids and class names are printable UTF-8: a file name that is not valid UTF-8 keeps its
+  valid characters and spells each undecodable byte ``\\xNN`` (:func:`printable_name`).
+* Image folders follow symbolic links, except one back into a folder that contains it (an
+  error naming the link); an unresolvable link is skipped.
+* 16-bit and float grayscale images are scaled to 8 bits as :func:`_to_mode` describes (float
+  data in [0, 1] × 255).
 """
 
 from __future__ import annotations
@@ -194,9 +210,9 @@ def check_class_names(names: Sequence[object], what: str, *, hint: str = "") -> 
 
 def _short(value: object, limit: int = 60) -> str:
     """``str(value)`` cut to ``limit`` characters: never put an unbounded value into a message."""
-    text = value if isinstance(value, str) else (
-        f"a {len(str(value))}-digit number" if isinstance(value, int) and abs(value) > 10**limit else repr(value)
-    )
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"  # no str(): it may be refused
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
