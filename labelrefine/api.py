@@ -61,7 +61,12 @@ def auto_settings(n_train: int, image_size: tuple[int, int], channels: int, devi
 def config_for(train: ImageSet, *, device: str = "auto", config: str | Path | RunConfig | None = None,
                overrides: Sequence[str] = ()) -> tuple[RunConfig, list[tuple[str, str]]]:
     """The run config for ``train``: the automatic settings (or ``config``, a file or a
-    :class:`RunConfig`, instead), then ``overrides``. Also returns the automatic choices made."""
+    :class:`RunConfig`, instead), then ``overrides``. Also returns the automatic choices made.
+
+    Images smaller than the method's augmentation accepts (:data:`MIN_IMAGE_SIDE` pixels a side)
+    raise :class:`UserError` naming the data (the ``data.spec=`` override, else "images")."""
+    _check_image_size(train, next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("data.spec=")),
+                                  None))
     if isinstance(config, RunConfig):
         data = apply_overrides(config_to_dict(config), list(overrides))
         return config_from_dict(data), []
@@ -69,6 +74,19 @@ def config_for(train: ImageSet, *, device: str = "auto", config: str | Path | Ru
         return load_config(config, list(overrides)), []
     chosen = auto_settings(len(train), train.shape[1:], train.shape[0], resolve_device(device).type)
     return load_config(None, [k for k, _ in chosen] + [f"device={device}", *overrides]), chosen
+
+
+#: Smallest image side ``clean`` and the API accept: SimCLR's Gaussian blur (3×3, reflect) needs 2 pixels.
+MIN_IMAGE_SIDE = 2
+
+
+def _check_image_size(train: ImageSet, spec: str | None) -> None:
+    _, h, w = train.shape
+    if min(h, w) < MIN_IMAGE_SIDE:
+        what = "images" if spec in (None, "array") else f"data {spec!r}"
+        raise UserError(f"{what}: the training images are {h}x{w} pixels; the method needs at least "
+                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (its SimCLR augmentation blurs them): resize them"
+                        + ("" if what == "images" else " with ,size=HxW in the data spec"))
 
 
 def as_image_tensor(images: Any, what: str = "images") -> torch.Tensor:
@@ -101,44 +119,94 @@ def as_image_tensor(images: Any, what: str = "images") -> torch.Tensor:
     return x.contiguous()
 
 
-def _as_labels(labels: Any, n: int, classes: Sequence[str] | None, what: str = "labels") -> tuple[torch.Tensor,
-                                                                                                   list[str]]:
+def _as_labels(labels: Any, n: int, classes: Sequence[str] | None, what: str = "labels", *,
+               present: np.ndarray | None = None) -> tuple[torch.Tensor, list[str], np.ndarray | None]:
+    """Class indices, class names and (integer labels without ``classes``) the integer classes.
+
+    Integer labels index into ``classes`` when it is given; without it the classes are the
+    distinct labels (:func:`labelrefine.data.sources.present_classes`), or, with ``present``
+    (the training labels' classes), the labels must be among them. Names are looked up.
+    """
+    from .data.sources import index_labels, present_classes
+
     arr = np.asarray(labels)
     if arr.ndim != 1 or len(arr) != n:
         raise UserError(f"{what}: expected {n} labels (one per image), got shape {arr.shape}")
     if arr.dtype.kind in "iu":
-        k = int(arr.max()) + 1 if n else 0
-        names = list(classes) if classes is not None else [str(c) for c in range(k)]
+        if arr.dtype.kind == "u" and n and int(arr.max()) > np.iinfo(np.int64).max:
+            raise UserError(f"{what}: label {int(arr.max())} is too large (at most 2**63 - 1)")
+        if classes is None and n and int(arr.min()) < 0:
+            raise UserError(f"{what}: label {int(arr.min())} is negative; integer labels must be >= 0")
+        if classes is None:
+            present = present_classes([arr]) if present is None else present
+            idx, bad = index_labels(present, arr)
+            names = [str(v) for v in present.tolist()]
+            if bad is not None:
+                raise UserError(f"{what}: label {int(arr[bad])} is not one of the training classes "
+                                f"({_class_list(names)})")
+            return torch.from_numpy(idx), names, present
+        names = list(classes)
         if n and (arr.min() < 0 or arr.max() >= len(names)):
             raise UserError(f"{what}: label {int(arr.max() if arr.max() >= len(names) else arr.min())} is outside "
                             f"[0, {len(names)})")
-        return torch.as_tensor(arr.astype(np.int64)), names
+        return torch.as_tensor(arr.astype(np.int64)), names, None
     if arr.dtype.kind in "UO":
         values = [str(v) for v in arr.tolist()]
         names = list(classes) if classes is not None else sorted(set(values))
         index = {c: i for i, c in enumerate(names)}
         missing = [v for v in values if v not in index]
         if missing:
-            raise UserError(f"{what}: label {missing[0]!r} is not one of the classes {names}")
-        return torch.tensor([index[v] for v in values], dtype=torch.int64), names
+            raise UserError(f"{what}: label {_short(missing[0])!r} is not one of the classes {_class_list(names)}")
+        return torch.tensor([index[v] for v in values], dtype=torch.int64), names, None
     raise UserError(f"{what}: expected integer class indices or class names, got dtype {arr.dtype}")
 
 
 def make_data(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
               test_labels: Any = None, ids: Sequence[str] | None = None, name: str = "array") -> DataSplits:
-    """An in-memory :class:`DataSplits` from arrays (ids default to each image's position)."""
+    """An in-memory :class:`DataSplits` from arrays (ids default to each image's position).
+
+    ``classes`` must not repeat a name. Without it, integer labels name their classes by value
+    (the sorted distinct training labels: labels ``0..C-1`` keep their indices) and names are
+    sorted. Test images must have the training images' shape (channels, height, width).
+    """
+    from .data.sources import check_class_names
+
+    if classes is not None:
+        check_class_names(list(classes), "classes")
     x = as_image_tensor(images)
-    y, names = _as_labels(labels, x.shape[0], classes)
+    y, names, present = _as_labels(labels, x.shape[0], classes)
     ids = [str(i) for i in range(x.shape[0])] if ids is None else [str(i) for i in ids]
     train = ImageSet(x, y, names, ids)
     test = None
     if test_images is not None:
         tx = as_image_tensor(test_images, "test_images")
+        if tuple(tx.shape[1:]) != tuple(x.shape[1:]):
+            raise UserError(f"test_images: each image is {_chw(tx)} (CxHxW) but the training images are {_chw(x)}; "
+                            f"give test images of the training shape")
         if test_labels is None:
             raise UserError("test_images given without test_labels")
-        ty, _ = _as_labels(test_labels, tx.shape[0], names, "test_labels")
+        if present is not None and np.asarray(test_labels).dtype.kind in "iu":  # by value, as the training labels
+            ty, _, _ = _as_labels(test_labels, tx.shape[0], None, "test_labels", present=present)
+        else:
+            ty, _, _ = _as_labels(test_labels, tx.shape[0], names, "test_labels")
         test = ImageSet(tx, ty, names, [f"test/{i}" for i in range(tx.shape[0])])
     return DataSplits(name, train, test)
+
+
+def _chw(x: torch.Tensor) -> str:
+    return "x".join(str(int(v)) for v in x.shape[1:])
+
+
+def _short(value: object) -> str:
+    from .data.sources import _short as short
+
+    return short(value)
+
+
+def _class_list(names: Sequence[str]) -> str:
+    from .data.sources import _class_list as class_list
+
+    return class_list(names)
 
 
 def _train(images, labels, *, classes, test_images, test_labels, config, overrides, out, device, seed):
@@ -164,7 +232,8 @@ def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None
     Args:
         images: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` array (uint8, or floats in [0, 1]).
         labels: ``(N,)`` class indices or class names (the given, possibly wrong labels).
-        classes: class names (default: ``0..C-1``, or the sorted distinct names).
+        classes: class names, none repeated (default: the distinct labels, sorted: integers by value, so
+            labels ``0..C-1`` keep their indices and labels {0, 5} give classes "0" and "5").
         test_images, test_labels: an optional labelled test set, only reported.
         config: a config file or :class:`RunConfig` instead of the automatic settings.
         overrides: ``KEY=VALUE`` strings applied last (``["refine.threshold=0.5"]``).

@@ -192,6 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     from pathlib import Path
 
+    from .data.sources import printable_name
     from .io import write_csv
     from .predict import find_images, load_model
 
@@ -204,7 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     probs = predictor.predict_proba(predictor.load_images(files), batch_size=args.batch_size)
     conf, pred = probs.max(dim=1)
     header = ["path", "predicted_label", "confidence", *(f"p_{c}" for c in predictor.classes)]
-    rows = [[f, predictor.classes[int(k)], f"{float(c):.6f}", *(f"{v:.6f}" for v in row)]
+    rows = [[printable_name(f), predictor.classes[int(k)], f"{float(c):.6f}", *(f"{v:.6f}" for v in row)]
             for f, k, c, row in zip(files, pred.tolist(), conf.tolist(), probs.tolist(), strict=True)]
     if args.out:
         write_csv(args.out, header, rows)

@@ -84,7 +84,7 @@ def test_array_conversions_and_errors():
                      ((np.full((2, 4, 4), 300.0), [0, 1]), r"\[0, 255\]"),
                      ((np.full((2, 4, 4), np.nan), [0, 1]), "NaN"),
                      ((np.zeros((3, 4, 4), np.uint8), [0, 1]), "expected 3 labels"),
-                     ((np.zeros((2, 4, 4), np.uint8), [0, -1]), "outside")]:
+                     ((np.zeros((2, 4, 4), np.uint8), [0, -1]), "negative")]:
         with pytest.raises(UserError, match=msg):
             make_data(*bad)
     with pytest.raises(UserError, match="not one of the classes"):
@@ -157,3 +157,44 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     issues = namespace["issues"]
     assert list(issues.columns) == LABEL_COLUMNS and len(issues) > 0
     assert namespace["model"].classes
+
+
+def test_integer_labels_name_their_classes_by_value():
+    """Labels 0 and 10**6 are 2 classes (they once made 1,000,001 and an 8 TB transition matrix)."""
+    x = np.zeros((4, 4, 4), np.uint8)
+    data = make_data(x, np.array([0, 10**6, 0, 10**6]), test_images=x[:2], test_labels=np.array([10**6, 0]))
+    assert data.train.classes == ["0", "1000000"] and data.train.labels.tolist() == [0, 1, 0, 1]
+    assert data.test.labels.tolist() == [1, 0]  # test labels by value too
+    assert make_data(x, np.array([3, 1, 2, 1])).train.classes == ["1", "2", "3"]
+    assert make_data(x, [0, 1, 2, 1]).train.labels.tolist() == [0, 1, 2, 1]  # 0..C-1 keep their indices
+    with pytest.raises(UserError, match=r"test_labels: label 7 is not one of the training classes \(0, 1000000\)"):
+        make_data(x, np.array([0, 10**6, 0, 10**6]), test_images=x[:1], test_labels=np.array([7]))
+    with pytest.raises(UserError, match=r"labels: label -3 is negative"):
+        make_data(x, np.array([0, -3, 1, 1]))
+    with pytest.raises(UserError, match=r"label 5 is outside \[0, 2\)"):  # with classes: indices into them
+        make_data(x, np.array([0, 5, 1, 1]), classes=["a", "b"])
+
+
+def test_find_label_issues_with_a_label_of_a_million(tmp_path):
+    x, y = _digits()
+    labels = y * 10**5  # 0, 100000, ..., 900000
+    table = labelrefine.find_label_issues(x, labels, overrides=FAST, out=tmp_path / "run")
+    assert set(table["given_label"]) == {str(v) for v in set(labels.tolist())}
+    for _, r in table.head(10).iterrows():
+        assert r["given_label"] == str(labels[int(r["id"])])
+
+
+def test_api_input_errors_are_user_errors():
+    x = np.zeros((4, 8, 8), np.uint8)
+    with pytest.raises(UserError, match=r"^test_images: each image is 1x16x16 \(CxHxW\) but the training images "
+                                        r"are 1x8x8; give test images of the training shape$"):
+        make_data(x, [0, 1, 0, 1], test_images=np.zeros((2, 16, 16), np.uint8), test_labels=[0, 1])
+    with pytest.raises(UserError, match=r"test_images: each image is 3x8x8 \(CxHxW\) but the training images "
+                                        r"are 1x8x8"):
+        make_data(x, [0, 1, 0, 1], test_images=np.zeros((2, 8, 8, 3), np.uint8), test_labels=[0, 1])
+    with pytest.raises(UserError, match=r"^classes: class 'a' listed twice$"):
+        make_data(x, [0, 1, 0, 1], classes=["a", "a"])
+    with pytest.raises(UserError, match=r"^classes: empty class name$"):
+        labelrefine.find_label_issues(x, ["a", "", "a", ""], classes=["a", ""], overrides=FAST)
+    with pytest.raises(UserError, match=r"^images: the training images are 1x1 pixels; the method needs at least 2x2"):
+        labelrefine.find_label_issues(np.zeros((20, 1, 1), np.uint8), np.arange(20) % 2, overrides=FAST)

@@ -262,3 +262,15 @@ def test_resized_crop_flip_boxes_follow_torchvision_get_params():
             assert float(frac.min()) > 0.17 and float(frac.max()) <= 1.0
             r = w / h
             assert float(r.min()) > 0.7 and float(r.max()) < 1.43
+
+
+def test_strong_augment_refuses_images_too_small_for_its_blur():
+    """1×1 images once failed inside kornia (ValueError); now a one-line UserError naming the size."""
+    aug = make_augment("strong", image_size=(1, 1), channels=1, mean=[0.5], std=[0.25])
+    with pytest.raises(UserError, match=r"^images are 1x1 pixels, too small for the strong \(SimCLR\) augmentation, "
+                                        r"which needs at least 2x2: resize them with size=HxW in the data spec$"):
+        aug(torch.zeros((4, 1, 1, 1), dtype=torch.uint8))
+    ok = make_augment("strong", image_size=(2, 2), channels=1, mean=[0.5], std=[0.25])
+    assert ok(torch.zeros((4, 1, 2, 2), dtype=torch.uint8)).shape == (4, 1, 2, 2)
+    assert make_augment("strong", image_size=(1, 1), channels=1, mean=[0.5], std=[0.25], blur=False)(
+        torch.zeros((2, 1, 1, 1), dtype=torch.uint8)).shape == (2, 1, 1, 1)

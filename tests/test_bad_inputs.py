@@ -11,6 +11,7 @@ by the module fixture ``finished_runs`` (digits and a 3-class npz, ``method=ce``
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -410,6 +411,30 @@ def _store_file(name: str, how: str, **fields) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _json_manifest(w: Path, entries: list[tuple[str, int]], name: str = "m.json") -> None:
+    for i in range(4):
+        _png(w / "img" / f"{i}.png", seed=i)
+    _write(w / name, json.dumps([{"name": n, "label": label} for n, label in entries]))
+
+
+def _symlink_loop(w: Path) -> None:
+    (_folder(w) / "train" / "cat" / "loop").symlink_to(".", target_is_directory=True)
+
+
+def _id_collision(w: Path) -> None:
+    """``\\xff.png`` (undecodable byte 0xff) beside a file literally named ``\\xff.png``."""
+    cat = _folder(w) / "train" / "cat"
+    _png(cat / "\\xff.png", seed=5)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.fsencode(cat) + b"/\xff.png", format="PNG")
+
+
+def _float_tiff(values: np.ndarray) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        Image.fromarray(values.astype(np.float32)).save(_folder(w) / "train" / "dog" / "f.tif")
+
+    return setup
+
+
 def _inf_weight(blob: dict) -> dict:
     nets = blob["networks"]
     state = next(iter(nets.values()))
@@ -598,7 +623,80 @@ CONFIG13_CASES = [
                 "duplicate key 'spec' at line 9 (first at line 8)"),
 ]
 
-CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES + CONFIG13_CASES
+# data lane of issue 13: huge/sparse integer labels, JSON overflow and nesting, CSV cross-checks and
+# duplicate paths, symlink loops, undecodable file names, float TIFFs, images too small for `clean`.
+DATA13_CASES = [
+    _named("data13-json-label-1e30", _noise(
+        "json:m.json", "m.json: entry 1: 'label' 1000000000000000000000000000000 is too large",
+        setup=lambda w: _json_manifest(w, [("img/0.png", 0), ("img/1.png", 10**30)]))),
+    _named("data13-json-label-5000-digits", _noise(
+        "json:m.json", "m.json: not valid JSON for a manifest", "4300 digits",
+        setup=lambda w: _write(w / "m.json", '[{"name": "img/0.png", "label": ' + "7" * 5000 + "}]"))),
+    _named("data13-json-100k-nested-brackets", _noise(
+        "json:m.json", "m.json: not valid JSON for a manifest (lists or objects nested too deeply)",
+        setup=lambda w: _write(w / "m.json", "[" * 100_000))),
+    _named("data13-json-duplicate-name", _noise(
+        "json:m.json", "m.json: entry 2: image 'img/0.png' is listed again (first at entry 0)",
+        setup=lambda w: _json_manifest(w, [("img/0.png", 0), ("img/1.png", 1), ("img/0.png", 0)]))),
+    _named("data13-json-duplicate-other-label", _noise(
+        "json:m.json", "m.json: entry 1: image 'img/0.png' is listed again with another label ('1' here, '0' there)",
+        setup=lambda w: _json_manifest(w, [("img/0.png", 0), ("img/0.png", 1)]))),
+    _named("data13-json-train-image-in-test", _noise(
+        "json:m.json,test=t.json", "t.json: entry 0: image 'img/1.png' is listed again (first at entry 1 of",
+        setup=lambda w: (_json_manifest(w, [("img/0.png", 0), ("img/1.png", 1)]),
+                         _write(w / "t.json", json.dumps([{"name": "img/1.png", "label": 1}]))))),
+    _named("data13-csv-train-ints-test-names", _noise(
+        "csv:m.csv,test=t.csv",
+        "t.csv: line 2: column 'label' has label 'cat', not one of the training classes (0, 1: m.csv has integer",
+        setup=lambda w: (_csv(w, "path,label\nimg/0.png,0\nimg/1.png,1\n"),
+                         _write(w / "t.csv", "path,label\nimg/2.png,cat\nimg/3.png,dog\n")))),
+    _named("data13-csv-train-names-test-ints", _noise(
+        "csv:m.csv,test=t.csv",
+        "t.csv: line 2: column 'label' has label '0', not one of the training classes (cat, dog: m.csv has class "
+        "names)",
+        setup=lambda w: (_csv(w, "path,label\nimg/0.png,cat\nimg/1.png,dog\n"),
+                         _write(w / "t.csv", "path,label\nimg/2.png,0\nimg/3.png,1\n")))),
+    _named("data13-csv-duplicate-path", _noise(
+        "csv:m.csv", "m.csv: line 4: image 'img/0.png' is listed again (first at line 2)",
+        setup=lambda w: _csv(w, "path,label\nimg/0.png,cat\nimg/1.png,dog\nimg/0.png,cat\n"))),
+    _named("data13-csv-duplicate-path-other-label", _noise(
+        "csv:m.csv", "m.csv: line 3: image 'img/0.png' is listed again with another label ('dog' here, 'cat' there) "
+        "(first at line 2)", setup=lambda w: _csv(w, "path,label\nimg/0.png,cat\nimg/0.png,dog\n"))),
+    _named("data13-csv-duplicate-spelled-differently", _noise(
+        "csv:m.csv", "m.csv: line 3: image './img/../img/1.png' is listed again (first at line 2)",
+        setup=lambda w: _csv(w, "path,label\nimg/1.png,cat\n./img/../img/1.png,cat\nimg/2.png,dog\n"))),
+    _named("data13-csv-duplicate-across-splits", _noise(
+        "csv:m.csv", "m.csv: line 4: image 'img/0.png' is listed again (first at line 2)",
+        setup=lambda w: _csv(w, "path,label,split\nimg/0.png,cat,train\nimg/1.png,dog,train\nimg/0.png,cat,test\n"))),
+    _named("data13-csv-train-image-in-test-csv", _noise(
+        "csv:m.csv,test=t.csv", "t.csv: line 3: image 'img/1.png' is listed again (first at line 3 of",
+        setup=lambda w: (_csv(w, "path,label\nimg/0.png,cat\nimg/1.png,dog\n"),
+                         _write(w / "t.csv", "path,label\nimg/2.png,cat\nimg/1.png,dog\n")))),
+    _named("data13-csv-train-image-in-test-folder", _noise(
+        "csv:m.csv,test=imgs/test", "image 'test/dog/1.png' is listed again (first at line 3 of",
+        setup=lambda w: (_folder(w), _write(w / "m.csv", "path,label\nimgs/train/cat/0.png,cat\n"
+                                                          "imgs/test/dog/1.png,dog\n")))),
+    _named("data13-imagefolder-symlink-loop", _noise(
+        "imagefolder:imgs", "imgs/train/cat/loop: symbolic link loop", "remove the link", setup=_symlink_loop)),
+    _named("data13-imagefolder-printable-id-collision", _noise(
+        "imagefolder:imgs", "its file name is not UTF-8", "is also the name of", setup=_id_collision)),
+    _named("data13-imagefolder-float-tiff-out-of-range", _noise(
+        "imagefolder:imgs", "cannot read image", "train/dog/f.tif", "float image with values in [300, 363]",
+        setup=_float_tiff(np.arange(300, 364).reshape(8, 8)))),
+    _named("data13-imagefolder-float-tiff-nan", _noise(
+        "imagefolder:imgs", "cannot read image", "train/dog/f.tif", "NaN",
+        setup=_float_tiff(np.where(np.eye(8) > 0, np.nan, 0.5)))),
+    _named("data13-npz-class-names-repeated", _noise(
+        "npz:d.npz", "d.npz: class_names: class 'a' listed twice",
+        setup=lambda w: _npz(w / "d.npz", 2, class_names=np.array(["a", "a"])))),
+    _named("data13-clean-1x1-images", _case(
+        "", ["clean", "--data", "digits,size=1", "--out", "out"],
+        "data 'digits,size=1': the training images are 1x1 pixels", "at least 2x2", "size=HxW")),
+    _named("data13-clean-1x8-images", _case(
+        "", ["clean", "--data", "digits,size=1x8", "--out", "out"], "the training images are 1x8 pixels")),
+]
+
+CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES + CONFIG13_CASES + DATA13_CASES
 
 
 def test_corpus_is_large_and_ids_unique():

@@ -194,3 +194,13 @@ def test_unknown_noise_type():
 def test_idn_length_mismatch():
     with pytest.raises(UserError, match="differ in length"):
         idn_noise(_labels(10, 3), 3, 0.2, generator=0, images=_images(9))
+
+
+def test_transition_matrix_is_computed_only_when_asked_for():
+    """noise=none on a huge class count: no C×C matrix (it once allocated 8 TB for C = 10**6)."""
+    labels = torch.tensor([0, 999_999, 5])
+    res = given_noise(labels, labels, 1_000_000)
+    assert res.rate == 0.0 and torch.equal(res.noisy_labels, labels)
+    assert "transition" not in res.__dict__  # never built
+    small = given_noise(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), 2)
+    torch.testing.assert_close(small.transition, torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64))

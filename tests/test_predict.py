@@ -138,3 +138,26 @@ def test_predict_errors(trained, tmp_path, capsys):
         _fails(capsys, ["predict", *argv, "--out", str(out)], match)
         assert not out.exists() and not list(tmp_path.glob(".preds.csv*"))
     _fails(capsys, ["predict", "--model", str(model), images, "--out", str(tmp_path)], "is a directory")
+
+
+def test_predict_decodes_float_tiffs_and_names_undecodable_paths(trained, tmp_path, capsys):
+    """A float32 TIFF in [0, 1] is scaled to 0..255 as in training (it was decoded as black), and a
+    file name that is not UTF-8 is written as its printable form (it crashed the CSV writer)."""
+    import os
+
+    _, model = trained
+    unit = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.fsencode(tmp_path) + b"/\xff.png", format="PNG")
+    predictor = load_model(model)
+    decoded = predictor.load_images([tmp_path / "unit.tif"])
+    want = torch.from_numpy(np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    assert decoded.shape == (1, 3, 16, 16) and all(torch.equal(decoded[0, c], want) for c in range(3))
+    out = tmp_path / "preds.csv"
+    assert main(["-q", "predict", "--model", str(model), str(tmp_path), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["path"] for r in rows] == [f"{tmp_path}/unit.tif", f"{tmp_path}/\\xff.png"]  # sorted by raw name
+    expected = predictor.predict_proba(torch.cat([want.expand(3, 16, 16)[None],
+                                                  torch.zeros((1, 3, 16, 16), dtype=torch.uint8)]))
+    for r, p in zip(rows, expected, strict=True):
+        assert [float(r[f"p_{c}"]) for c in CLASSES] == pytest.approx(p.tolist(), abs=2e-6)

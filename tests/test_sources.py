@@ -532,8 +532,9 @@ def test_csv_int_labels(tmp_path: Path, cache: Path):
         _save(root / f"{i}.png", _gray(i))
     path = _write_csv(root / "i.csv", [["path", "label", "noisy"], ["0.png", "0", "3"], ["1.png", "2", "2"]])
     d = load_data(f"csv:{path}", cache_dir=cache)
-    assert d.classes == ["0", "1", "2", "3"] and d.train.labels.tolist() == [0, 2]
-    assert d.train.extra_labels["noisy"].tolist() == [3, 2]
+    # integer labels name their classes by value: the ones present (1 is not), ascending
+    assert d.classes == ["0", "2", "3"] and d.train.labels.tolist() == [0, 1]
+    assert d.train.extra_labels["noisy"].tolist() == [2, 1]
     d = load_data(f"csv:{path},classes=a;b;c;d;e", cache_dir=cache)
     assert d.classes == ["a", "b", "c", "d", "e"] and d.train.labels.tolist() == [0, 2]
     with pytest.raises(UserError, match=r"i\.csv: line 2: column 'noisy' has label 3 outside \[0, 2\]"):
@@ -882,3 +883,153 @@ def test_real_cifar10_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     i = d.train.ids.index(c.train.ids[123])
     assert torch.equal(d.train.images[i], c.train.images[123])
     assert torch.equal(d.test.images, c.test.images)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 (data lane): sparse integer labels, undecodable file names, symlinks, float TIFFs
+# --------------------------------------------------------------------------------------------
+
+
+def test_huge_csv_label_is_a_class_of_its_own_without_a_huge_allocation(tmp_path: Path):
+    """A CSV label of 100000000 once made 100,000,001 classes (and a dense C×C matrix): now 2 classes.
+
+    Run through the CLI in a child process limited to 2 GB of data memory, so that a class list
+    of range(max_label + 1) fails at once (MemoryError) instead of running for minutes.
+    """
+    import resource
+    import subprocess
+    import sys
+
+    root = tmp_path / "m"
+    for i in range(6):
+        _save(root / f"{i}.png", _gray(i))
+    _write_csv(root / "m.csv", [["path", "label"]] + [[f"{i}.png", str(i % 2 * 100_000_000)] for i in range(6)])
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "LABELREFINE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "labelrefine", "noise", "--data", f"csv:{root / 'm.csv'}",
+                        "--type", "symmetric", "--rate", "0.3", "--out", str(tmp_path / "n.csv")],
+                       preexec_fn=limit, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "classes: 2" in r.stdout
+    rows = (tmp_path / "n.csv").read_text().splitlines()
+    assert rows[0] == "id,clean_label,noisy_label,is_noisy" and rows[2].startswith("1.png,100000000,")
+    d = load_data(f"csv:{root / 'm.csv'}", cache_dir=tmp_path / "cache")
+    assert d.classes == ["0", "100000000"] and d.train.labels.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_sparse_integer_labels_name_their_classes(tmp_path: Path, cache: Path):
+    """CSV, JSON and NPZ: integer labels are mapped to the values present, ascending (as names are)."""
+    root = tmp_path / "s"
+    for i in range(4):
+        _save(root / f"{i}.png", _gray(i))
+    csv_file = _write_csv(root / "m.csv", [["path", "label"], ["0.png", "7"], ["1.png", "3"], ["2.png", "10"]])
+    test_csv = _write_csv(root / "t.csv", [["path", "label"], ["3.png", "12"]])
+    d = load_data(f"csv:{csv_file},test={test_csv}", cache_dir=cache)
+    assert d.classes == ["3", "7", "10", "12"]  # by value, not as text; the test's labels join them
+    assert d.train.labels.tolist() == [1, 0, 2] and d.test.labels.tolist() == [3]
+    # with classes= the integers stay indices into the list
+    d = load_data(f"csv:{csv_file},classes={';'.join('abcdefghijk')}", cache_dir=cache)
+    assert d.train.labels.tolist() == [7, 3, 10]
+
+    (root / "m.json").write_text(json.dumps([{"name": f"{i}.png", "label": v}
+                                             for i, v in enumerate([5, 10**12, 5])]))
+    (root / "t.json").write_text(json.dumps([{"name": "3.png", "label": 2}]))
+    d = load_data(f"json:{root / 'm.json'},test={root / 't.json'}", cache_dir=cache)
+    assert d.classes == ["2", "5", str(10**12)] and d.train.labels.tolist() == [1, 2, 1]
+    assert d.test.labels.tolist() == [0]
+
+    f = tmp_path / "gaps.npz"
+    x = np.zeros((4, 4, 4), np.uint8)
+    np.savez(f, x_train=x, y_train=np.array([1, 4, 4, 1]), x_test=x[:1], y_test=np.array([9]))
+    d = load_data(f"npz:{f}")
+    assert d.classes == ["1", "4", "9"] and d.train.labels.tolist() == [0, 1, 1, 0] and d.test.labels.tolist() == [2]
+
+
+def test_non_utf8_file_name_gets_a_printable_id(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture):
+    root = _make_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    img = Image.fromarray(_rgb(99))
+    img.save(os.fsencode(root / "train" / "cat") + b"/caf\xe9.png", format="PNG")
+    (root / "train" / "dog").rename(os.fsdecode(os.fsencode(root / "train") + b"/d\xf6g"))
+    (root / "test" / "dog").rename(os.fsdecode(os.fsencode(root / "test") + b"/d\xf6g"))
+    with caplog.at_level(logging.WARNING, logger="labelrefine"):
+        d = load_data(f"imagefolder:{root}", cache_dir=cache)
+    assert d.classes == ["cat", "d\\xf6g"]
+    assert "train/cat/caf\\xe9.png" in d.train.ids and "test/d\\xf6g/00.png" in d.test.ids
+    assert all(i.encode("utf-8") for i in d.train.ids + d.test.ids)  # every id is writable as UTF-8
+    k = d.train.ids.index("train/cat/caf\\xe9.png")
+    assert np.array_equal(d.train.images[k].permute(1, 2, 0).numpy(), _rgb(99))  # read from its real path
+    assert "not valid UTF-8" in caplog.text and "caf\\xe9.png" in caplog.text
+    # a JSON name with an escaped lone surrogate is the same file: the same printable id
+    (root / "m.json").write_text('[{"name": "train/cat/caf\\udce9.png", "label": 0}]')
+    assert load_data(f"json:{root / 'm.json'}", cache_dir=cache).train.ids == ["train/cat/caf\\xe9.png"]
+
+
+def test_run_on_a_folder_with_a_non_utf8_file_name_writes_labels_and_report(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """The run used to train, then fail writing labels.csv (UnicodeEncodeError) and lose everything."""
+    from labelrefine.cli import main
+
+    root = _make_folder(tmp_path / "d", {"train": {"cat": 10, "dog": 10}, "test": {"cat": 2, "dog": 2}})
+    Image.fromarray(_rgb(7)).save(os.fsencode(root / "train" / "cat") + b"/\xff.png", format="PNG")
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    sets = [f"data.spec=imagefolder:{root}", "data.noise=none", "method=ce", "epochs=1", "ssl.epochs=0",
+            "model.backbone=tiny", "data.train_subset=0", "data.test_subset=0", "data.val_fraction=0"]
+    assert main(["-q", "run", *(f"--set={s}" for s in sets), "--out", str(out)]) == 0
+    ids = [line.split(",")[0] for line in (out / "labels.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert len(ids) == 21 and "train/cat/\\xff.png" in ids
+    assert (out / "report.html").is_file() and (out / "model.pt").is_file()
+
+
+def test_symlinks_in_an_imagefolder(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture):
+    """Links to images or other folders are followed; a dangling link is skipped with a warning."""
+    root = _make_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}})
+    (root / "train" / "cat" / "more").symlink_to(root / "train" / "dog", target_is_directory=True)
+    (root / "train" / "dog" / "gone.png").symlink_to(root / "nowhere.png")
+    (root / "train" / "dog" / "self.png").symlink_to("self.png")  # a loop of links to no file
+    with caplog.at_level(logging.WARNING, logger="labelrefine"):
+        d = load_data(f"imagefolder:{root}", cache_dir=cache)
+    assert d.train.ids == ["train/cat/00.png", "train/cat/01.png", "train/cat/more/00.png", "train/cat/more/01.png",
+                           "train/dog/00.png", "train/dog/01.png"]
+    assert "gone.png: skipped" in caplog.text and "self.png: skipped" in caplog.text
+    (root / "train" / "dog" / "up").symlink_to(root / "train", target_is_directory=True)
+    # found through cat/more (-> dog) first: cat/more/up/dog points back at dog, which contains it
+    with pytest.raises(UserError, match=r"/up/dog: symbolic link loop: it points to .*train/dog, a folder that"):
+        load_data(f"imagefolder:{root}", cache_dir=cache)
+
+
+def test_float_and_16_bit_tiffs_are_scaled_not_black(tmp_path: Path, cache: Path):
+    """float32 TIFFs in [0, 1] × 255, in [0, 255] as they are; 16-bit / 257 (training and predict decode)."""
+    root = tmp_path / "t"
+    unit = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    wide = np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8)
+    sixteen = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    for name, arr in (("unit", unit), ("wide", wide), ("sixteen", sixteen)):
+        _save(root / "train" / "a" / f"{name}.tif", arr)
+    d = load_data(f"imagefolder:{root}", cache_dir=cache)
+    got = {i.split("/")[-1]: d.train.images[k, 0].numpy() for k, i in enumerate(d.train.ids)}
+    expected = {"unit.tif": np.rint(unit.astype(np.float64) * 255), "wide.tif": np.rint(wide),
+                "sixteen.tif": np.rint(sixteen / 257.0)}
+    for name, want in expected.items():
+        assert np.array_equal(got[name], want.astype(np.uint8)), name
+    assert got["unit.tif"].max() == 255
+    files = [str(root / "train" / "a" / n) for n in ("unit.tif", "wide.tif", "sixteen.tif")]
+    decoded = sources.decode_images(files, (8, 8), 3)  # what predict uses
+    for k, name in enumerate(("unit.tif", "wide.tif", "sixteen.tif")):
+        assert all(np.array_equal(decoded[k, c].numpy(), expected[name].astype(np.uint8)) for c in range(3))
+
+
+def test_class_names_and_short_messages():
+    sources.check_class_names(["a", "b"], "x")
+    with pytest.raises(UserError, match=r"^classes: class 'a' listed twice$"):
+        sources.check_class_names(["a", "b", "a"], "classes")
+    with pytest.raises(UserError, match=r"^classes: empty class name$"):
+        sources.check_class_names(["a", ""], "classes")
+    assert sources._short(10**300) == "a number of about 301 digits" and len(sources._short("x" * 1000)) == 60
+    assert sources._short(10**30) == str(10**30) and sources._short(7 ** 9000).startswith("a number of about")
+    assert sources.printable_name("café/x.png") == "café/x.png"
+    assert sources.printable_name(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"

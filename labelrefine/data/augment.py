@@ -378,15 +378,24 @@ class StrongAugment(Augment):
             ops.append(K.RandomGrayscale(p=0.2))
         else:
             ops.append(K.ColorJitter(brightness=0.4, contrast=0.4, p=0.8))
+        #: Smallest image side the ops accept (kornia's reflect-padded blur needs k // 2 + 1 pixels).
+        self.min_side = 1
         if blur:
             k = blur_kernel_size(self.image_size)
             ops.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=0.5))
+            self.min_side = k // 2 + 1
         # Built once: constructing kornia modules costs far more than applying them to a batch.
         self.ops = nn.Sequential(*ops)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, any_size=True)
+        if min(self.image_size) < self.min_side:
+            h, w = self.image_size
+            raise UserError(
+                f"images are {h}x{w} pixels, too small for the strong (SimCLR) augmentation, which needs at "
+                f"least {self.min_side}x{self.min_side}: resize them with size=HxW in the data spec"
+            )
         y = self.ops(x.float().div_(255.0))
         # Colour jitter can leave [0, 1] by rounding; clamp as torchvision's float path does.
         return self._normalize(y.clamp_(0.0, 1.0), 1.0)

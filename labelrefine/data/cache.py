@@ -39,7 +39,7 @@ from ..store import save as store_save
 log = logging.getLogger("labelrefine")
 
 #: Bump when the decoding or the stored layout changes; old entries then stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: The cache file's format (labelrefine.store): checksummed, unpickled with weights_only.
 STORE_FORMAT = "labelrefine-image-cache-v2"
 

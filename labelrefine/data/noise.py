@@ -18,7 +18,8 @@ Generators:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,15 +36,23 @@ class NoiseResult:
 
     Attributes:
         noisy_labels: int64 tensor ``(N,)``.
+        clean_labels: int64 tensor ``(N,)``, the labels the noise was applied to.
+        num_classes: C.
+        rate: achieved fraction of samples whose noisy label differs from the clean one.
         transition: float64 tensor ``(C, C)``; row ``i`` is the empirical distribution of the
             noisy label among samples whose clean label is ``i``. Rows sum to 1; a class with
-            no samples gets an identity row.
-        rate: achieved fraction of samples whose noisy label differs from the clean one.
+            no samples gets an identity row. Computed on first access (C² values: a run that
+            never looks at it never allocates it, however many classes there are).
     """
 
     noisy_labels: torch.Tensor
-    transition: torch.Tensor
+    clean_labels: torch.Tensor = field(repr=False)
+    num_classes: int
     rate: float
+
+    @functools.cached_property
+    def transition(self) -> torch.Tensor:
+        return transition_matrix(self.clean_labels, self.noisy_labels, self.num_classes)
 
 
 def transition_matrix(clean: torch.Tensor, noisy: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -61,7 +70,7 @@ def _result(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> NoiseResu
     noisy_t = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.int64))
     clean_t = torch.from_numpy(np.ascontiguousarray(clean, dtype=np.int64))
     rate = float((noisy_t != clean_t).double().mean()) if len(clean_t) else 0.0
-    return NoiseResult(noisy_t, transition_matrix(clean_t, noisy_t, num_classes), rate)
+    return NoiseResult(noisy_t, clean_t, num_classes, rate)
 
 
 def _as_rng(generator: np.random.Generator | int) -> np.random.Generator:

@@ -21,6 +21,22 @@ Common options: ``size=S`` or ``size=HxW`` resizes every image (PIL bilinear); `
 converts (default: 1 when every training image is grayscale, else 3).
 
 Decoded image files (imagefolder, csv, json) are cached; see :mod:`labelrefine.data.cache`.
+
+Rules every loader follows:
+
+* Integer labels without a class list name their classes by value, as folder names do: the
+  classes are the distinct values present (all splits), ascending, named ``str(value)``; so
+  labels ``0..C-1`` that all occur keep their indices, and labels {0, 100000000} are 2 classes.
+  With ``classes=`` (or an npz's ``class_names``) integers are indices into that list.
+* A CSV test table must use the manifest's kind of labels (integers or names); an image listed
+  twice (within a split or across splits; paths compared after normalisation) is an error
+  naming both lines (CSV) or entries (JSON).
+* Ids and class names are printable UTF-8: a file name that is not valid UTF-8 keeps its
+  valid characters and spells each undecodable byte ``\\xNN`` (:func:`printable_name`).
+* Image folders follow symbolic links, except one back into a folder that contains it (an
+  error naming the link); an unresolvable link is skipped.
+* 16-bit and float grayscale images are scaled to 8 bits as :func:`_to_mode` describes (float
+  data in [0, 1] × 255).
 """
 
 from __future__ import annotations
@@ -71,6 +87,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _PATH_COLUMNS = ("path", "file", "filename", "image", "name")
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+_INT64_MAX = 2**63 - 1
 
 #: Decode in a process pool (Linux, more than one core) when there are at least this many files.
 DECODE_PARALLEL_MIN = 2000
@@ -174,12 +192,55 @@ def _parse_classes(value: str | bool | None) -> list[str] | None:
     if value is None:
         return None
     names = [c.strip() for c in str(value).split(";")]
-    if any(not c for c in names):
-        raise UserError(f"option classes={value}: empty class name; expected classes=a;b;c")
-    if len(set(names)) != len(names):
-        dup = next(c for c in names if names.count(c) > 1)
-        raise UserError(f"option classes={value}: class {dup!r} listed twice")
+    check_class_names(names, f"option classes={value}", hint="; expected classes=a;b;c")
     return names
+
+
+def check_class_names(names: Sequence[object], what: str, *, hint: str = "") -> None:
+    """Refuse an empty class name or a name listed twice: a :class:`UserError` starting with ``what``."""
+    texts = [str(c) for c in names]
+    if any(not c for c in texts):
+        raise UserError(f"{what}: empty class name{hint}")
+    seen: set[str] = set()
+    for c in texts:
+        if c in seen:
+            raise UserError(f"{what}: class {_short(c)!r} listed twice")
+        seen.add(c)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``str(value)`` cut to ``limit`` characters: never put an unbounded value into a message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"  # no str(): it may be refused
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _class_list(classes: Sequence[str], limit: int = 20) -> str:
+    """``a, b, c`` for a message; long lists show their first ``limit`` names and the count."""
+    if len(classes) <= limit:
+        return ", ".join(classes)
+    return f"{', '.join(classes[:limit])}, ... ({len(classes)} classes)"
+
+
+def printable_name(name: str) -> str:
+    """``name`` itself when it is valid Unicode text, else a lossless printable form of it.
+
+    A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone
+    surrogate (``os.fsdecode``); such a string cannot be written as UTF-8. Its printable form
+    spells every byte that is not UTF-8 as ``\\xNN`` (Python's ``backslashreplace``), so
+    ``b"caf\\xe9.png"`` becomes ``caf\\xe9.png``. Valid names come back unchanged.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (e.g. JSON "\\ud800")
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +272,7 @@ def load_data(spec: str, *, cache_dir: str | Path | None = None) -> DataSplits:
         return _load_npz(path, size, channels, _parse_classes(options.get("classes")))
     else:
         return _load_cifar(kind, path, size, channels, bool(options.get("download", False)))
+    _printable_ids(plan)
     return _load_planned(plan, size, channels, cache_dir)
 
 
@@ -269,19 +331,59 @@ def _walk_images(folder: str | Path, rel: str) -> Iterator[tuple[os.DirEntry, st
     """Image files under ``folder`` (recursive, hidden entries skipped), unordered.
 
     Yields each file's ``DirEntry`` and its id: ``rel`` + ``/`` + the path below ``folder``
-    with forward slashes.
+    with forward slashes. Symbolic links are followed, except that a link to a folder that
+    contains it (a loop, which would list the same images without end) raises
+    :class:`UserError` naming the link; a link that cannot be resolved is skipped, with a
+    warning when it is a loop of links or has an image extension (a dangling link to a
+    non-image stays silent). A folder that cannot be listed raises :class:`UserError`.
     """
-    stack = [(str(folder), rel)]
+    stack = [(str(folder), rel, (_folder_key(str(folder)),))]
     while stack:
-        here, prefix = stack.pop()
-        with os.scandir(here) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():
-                    stack.append((e.path, f"{prefix}/{e.name}"))
-                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
+        here, prefix, ancestors = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as e:
+            raise UserError(f"cannot read folder {here} ({e.strerror})") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError as err:  # ELOOP: a link to itself, or a cycle of links
+                if not e.is_symlink():
+                    raise UserError(f"cannot read {e.path} ({err.strerror})") from None
+                log.warning("%s: skipped: a symbolic link that does not resolve (%s)", e.path, err.strerror)
+                continue
+            if is_dir:
+                key = _folder_key(e.path) if e.is_symlink() else _entry_key(e)
+                if key in ancestors:
+                    raise UserError(
+                        f"{e.path}: symbolic link loop: it points to {os.path.realpath(e.path)}, a folder "
+                        f"that contains it; remove the link"
+                    )
+                stack.append((e.path, f"{prefix}/{e.name}", (*ancestors, key)))
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                if e.is_file():
                     yield e, f"{prefix}/{e.name}"
+                elif e.is_symlink():
+                    log.warning("%s: skipped: a symbolic link that does not resolve to a file", e.path)
+
+
+def _folder_key(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot read folder {path} ({e.strerror})") from None
+    return st.st_dev, st.st_ino
+
+
+def _entry_key(e: os.DirEntry) -> tuple[int, int]:
+    try:
+        st = e.stat()
+    except OSError as err:
+        raise UserError(f"cannot read folder {e.path} ({err.strerror})") from None
+    return st.st_dev, st.st_ino
 
 
 def list_image_files(folder: str | Path) -> list[tuple[Path, str]]:
@@ -305,16 +407,25 @@ def _list_class_folders(
     ``id`` the path relative to ``root`` using forward slashes. Raises :class:`UserError` when
     there are no class folders or a class folder holds no images.
     """
-    with os.scandir(split_dir) as it:
-        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(split_dir) as it:
+            folders = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
+    except OSError as e:
+        raise UserError(f"cannot read folder {split_dir} ({e.strerror})") from None
+    # Class names (and ids) in printable form: the same as the folder names unless those are not UTF-8.
+    named = sorted((printable_name(f), f) for f in folders)
+    classes = [c for c, _ in named]
     if not classes:
         raise UserError(f"{split_dir}: no class folders; expected {split_dir}{os.sep}<class>{os.sep}<image>")
     per_class = []
-    for cls in classes:
-        class_dir = split_dir / cls
+    for _, folder in named:
+        class_dir = split_dir / folder
         found: list[tuple[str, str, int, int]] = []
         for e, rel in _walk_images(class_dir, os.path.relpath(class_dir, root).replace(os.sep, "/")):
-            st = e.stat()
+            try:
+                st = e.stat()
+            except OSError as err:
+                raise UserError(f"cannot read image {e.path} ({err.strerror})") from None
             found.append((e.path, rel, st.st_size, st.st_mtime_ns))
         if not found:
             raise UserError(
@@ -369,6 +480,36 @@ def _plan_imagefolder(path: str) -> _Plan:
     if "test" not in splits:
         log.warning("imagefolder: %s has no 'test' folder; loading without a test split", root)
     return _Plan("imagefolder", root.name, root, classes, splits, {})
+
+
+def _printable_ids(plan: _Plan) -> None:
+    """Give every id (and the data set's name) a printable form (:func:`printable_name`).
+
+    Ids are written to ``labels.csv`` and the report as UTF-8, so a file name that is not
+    valid UTF-8 gets its bytes spelled as ``\\xNN``, with one warning; the file is still read
+    from its real path. Two files whose printable ids coincide raise :class:`UserError`.
+    """
+    plan.name = printable_name(plan.name)
+    changed: list[tuple[str, str]] = []
+    for split in plan.splits.values():
+        ids = [printable_name(i) for i in split.ids]
+        changed += [(new, f) for old, new, f in zip(split.ids, ids, split.files, strict=True) if new != old]
+        split.ids = ids
+    if not changed:
+        return
+    seen: dict[str, str] = {}
+    for split in plan.splits.values():
+        for i, f in zip(split.ids, split.files, strict=True):
+            other = seen.setdefault(i, f)
+            if other != f:
+                raise UserError(
+                    f"{printable_name(f)}: its file name is not UTF-8 and its printable id {i!r} is also the "
+                    f"name of {printable_name(other)}; rename one of them"
+                )
+    log.warning(
+        "%s %s: %d file name(s) are not valid UTF-8; their ids show the undecodable bytes as \\xNN, e.g. %s",
+        plan.kind, plan.name, len(changed), changed[0][0],
+    )
 
 
 def _stat_files(split: _SplitPlan, source: Path, lines: Sequence[int] | None = None) -> None:
@@ -493,22 +634,51 @@ def _int_column(values: np.ndarray) -> np.ndarray | None:
         return None
 
 
+def present_classes(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The sorted distinct values of integer label arrays: the classes of integer labels.
+
+    Integer labels name their classes by value, as folder names do for ``imagefolder``: the
+    classes are the values that occur in the training labels, in ascending order, and class
+    ``i`` is named ``str(values[i])``. Labels ``0..C-1`` that all occur keep their indices.
+    """
+    arrays = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def index_labels(present: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """Class indices of integer ``values`` among ``present`` (sorted), and the position of the
+    first value that is not one of them (``None`` when all are)."""
+    values = np.asarray(values, dtype=np.int64)
+    idx = np.searchsorted(present, values)
+    found = np.zeros(values.shape, dtype=bool)
+    inside = idx < len(present)
+    found[inside] = present[idx[inside]] == values[inside]
+    bad = None if found.all() else int(np.flatnonzero(~found)[0])
+    return idx.astype(np.int64), bad
+
+
 def _resolve_label_columns(
     tables: Sequence[_CsvTable], label_cols: Sequence[Sequence[str]], classes: list[str] | None
 ) -> tuple[list[str], list[dict[str, np.ndarray]]]:
     """Map every label column of every table to int64 class indices.
 
-    A column (by name, over all tables) is "int" when every value parses as an int; otherwise
-    its values are class names. Returns the class list and, per table, column → int64 array.
+    ``tables[0]`` is the manifest, a second one the test table. Without ``classes``: when
+    every label column of the manifest holds integers, the classes are the integers present in
+    all tables (:func:`present_classes`), and a test table must hold integers too; otherwise a
+    column holds class names when any of its values is not an integer, the classes are the
+    sorted names of all tables and the integer columns index into them. With ``classes``:
+    integers index into it, names must be in it. Returns the class list and, per table,
+    column → int64 array.
     """
     names = sorted({c for cols in label_cols for c in cols})
-    is_int = {}
     parsed: list[dict[str, np.ndarray | None]] = []
     for table, cols in zip(tables, label_cols, strict=True):
         parsed.append({c: _int_column(table.columns[c]) for c in cols})
-    for c in names:
-        is_int[c] = all(p[c] is not None for p in parsed if c in p)
+    if classes is None and all(v is not None for v in parsed[0].values()):
+        return _resolve_int_labels(tables, label_cols, parsed)
+    is_int = {c: all(p[c] is not None for p in parsed if c in p) for c in names}
     if classes is None:
+        _check_label_kinds(tables, label_cols, parsed)
         found: set[str] = set()
         for table, cols in zip(tables, label_cols, strict=True):
             for c in cols:
@@ -518,11 +688,7 @@ def _resolve_label_columns(
                         bad = int(np.flatnonzero(table.columns[c] == "")[0])
                         raise UserError(f"{table.file}: line {table.lines[bad]}: column {c!r} is empty")
                     found.update(values.tolist())
-        if found:
-            classes = sorted(found)
-        else:
-            top = max(int(p[c].max()) for p in parsed for c in p)  # type: ignore[union-attr]
-            classes = [str(i) for i in range(max(top, 0) + 1)]
+        classes = sorted(found)
     index = {c: i for i, c in enumerate(classes)}
     out: list[dict[str, np.ndarray]] = []
     for table, cols, ints in zip(tables, label_cols, parsed, strict=True):
@@ -546,14 +712,68 @@ def _resolve_label_columns(
                     what = (
                         "is empty"
                         if missing[0] == ""
-                        else f"has label {missing[0]!r}, not one of the classes"
+                        else f"has label {_short(missing[0])!r}, not one of the classes"
                     )
                     raise UserError(
-                        f"{table.file}: line {table.lines[bad]}: column {c!r} {what} ({', '.join(classes)})"
+                        f"{table.file}: line {table.lines[bad]}: column {c!r} {what} ({_class_list(classes)})"
                     )
                 lut = np.array([index[u] for u in uniq.tolist()], dtype=np.int64)
                 mapped[c] = lut[inverse.reshape(-1)]
         out.append(mapped)
+    return classes, out
+
+
+def _check_label_kinds(
+    tables: Sequence[_CsvTable], label_cols: Sequence[Sequence[str]], parsed: Sequence[dict[str, np.ndarray | None]]
+) -> None:
+    """A test table's label column must be of the manifest's kind (integers or names): where
+    the kinds differ, a test value that is not one of the manifest's values of that column
+    raises :class:`UserError` (it would silently become a class of its own)."""
+    main = tables[0]
+    for table, cols, ints in zip(tables[1:], label_cols[1:], parsed[1:], strict=True):
+        for c in cols:
+            if c not in parsed[0] or (parsed[0][c] is None) == (ints[c] is None):
+                continue
+            known = np.unique(main.columns[c])
+            outside = ~np.isin(table.columns[c], known)
+            if outside.any():
+                bad = int(np.flatnonzero(outside)[0])
+                kind = "class names" if parsed[0][c] is None else "integer labels"
+                raise UserError(
+                    f"{table.file}: line {table.lines[bad]}: column {c!r} has label "
+                    f"{_short(str(table.columns[c][bad]))!r}, not one of the training classes "
+                    f"({_class_list(known.tolist())}: {main.file.name} has {kind})"
+                )
+
+
+def _resolve_int_labels(
+    tables: Sequence[_CsvTable],
+    label_cols: Sequence[Sequence[str]],
+    parsed: Sequence[dict[str, np.ndarray | None]],
+) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    """Integer labels without a class list: the classes are the integers present, by value."""
+    for table, cols, ints in zip(tables, label_cols, parsed, strict=True):
+        for c in cols:
+            values = ints[c]
+            if values is not None and values.size and values.min() < 0:
+                bad = int(np.argmax(values < 0))
+                raise UserError(
+                    f"{table.file}: line {table.lines[bad]}: column {c!r} has label {int(values[bad])}; "
+                    f"integer labels must be >= 0"
+                )
+    present = present_classes([v for ints in parsed for v in ints.values() if v is not None])
+    classes = [str(v) for v in present.tolist()]
+    for table, cols, ints in zip(tables[1:], label_cols[1:], parsed[1:], strict=True):
+        for c in cols:
+            if ints[c] is None:  # names (or an empty value) where the training labels are integers
+                text = table.columns[c].tolist()
+                bad = next(i for i, v in enumerate(text) if _int_column(np.array([v])) is None)
+                what = "is empty" if text[bad] == "" else (
+                    f"has label {_short(text[bad])!r}, not one of the training classes ({_class_list(classes)}: "
+                    f"{tables[0].file.name} has integer labels)"
+                )
+                raise UserError(f"{table.file}: line {table.lines[bad]}: column {c!r} {what}")
+    out = [{c: index_labels(present, v)[0] for c, v in ints.items()} for ints in parsed]  # type: ignore[arg-type]
     return classes, out
 
 
@@ -619,6 +839,21 @@ def read_manifest(
             tcols = [lcol] + [c for c in test_table.header if c not in (pcol, test_scol, lcol)]
             tables.append(test_table)
             cols.append(tcols)
+    canon: np.ndarray | None = None
+    if scol is not None:
+        raw = np.char.lower(table.columns[scol])
+        known = np.isin(raw, list(_SPLIT_NAMES))
+        if not known.all():
+            bad = int(np.flatnonzero(~known)[0])
+            raise UserError(
+                f"{file}: line {table.lines[bad]}: column {scol!r} has {_short(str(table.columns[scol][bad]))!r}; "
+                f"expected train, val or test"
+            )
+        canon = np.array([_SPLIT_NAMES[v] for v in raw.tolist()])
+        if not (canon == "train").any():
+            raise UserError(f"{file}: no rows with {scol}=train")
+    if test_path is not None and canon is not None and (canon == "test").any():
+        raise UserError(f"{file}: has test rows in column {scol!r} and test={test} was given too; use one")
     class_list, mapped = _resolve_label_columns(tables, cols, list(classes) if classes is not None else None)
 
     def make_split(
@@ -641,35 +876,57 @@ def read_manifest(
         )
 
     splits: dict[str, ManifestSplit] = {}
-    if scol is None:
+    if canon is None:
         splits["train"] = make_split(table, mapped[0], lcol, None)
     else:
-        raw = np.char.lower(table.columns[scol])
-        known = np.isin(raw, list(_SPLIT_NAMES))
-        if not known.all():
-            bad = int(np.flatnonzero(~known)[0])
-            raise UserError(
-                f"{file}: line {table.lines[bad]}: column {scol!r} has {str(table.columns[scol][bad])!r}; "
-                f"expected train, val or test"
-            )
-        canon = np.array([_SPLIT_NAMES[v] for v in raw.tolist()])
         for name in ("train", "val", "test"):
             rows = np.flatnonzero(canon == name)
             if rows.size:
                 splits[name] = make_split(table, mapped[0], lcol, rows)
-        if "train" not in splits:
-            raise UserError(f"{file}: no rows with {scol}=train")
     if test_path is not None:
-        if "test" in splits:
-            raise UserError(
-                f"{file}: has test rows in column {scol!r} and test={test} was given too; use one"
-            )
         if test_table is not None:
             splits["test"] = make_split(test_table, mapped[1], lcol, None)
         else:
             plan = _folder_split(test_path, test_path.parent, class_list)[1]
             splits["test"] = ManifestSplit(plan.ids, plan.files, plan.labels, {}, test_path, None)
+    _check_duplicates(
+        [(s.files, s.ids, s.labels, s.source, s.lines) for s in splits.values()], class_list, "line"
+    )
     return Manifest(file, class_list, lcol, pcol, splits, test_path)
+
+
+def _check_duplicates(
+    parts: Sequence[tuple[Sequence[str], Sequence[str], np.ndarray, Path, Sequence[int] | None]],
+    classes: Sequence[str],
+    unit: str,
+) -> None:
+    """Refuse an image listed twice, within a split or across splits (train/val/test).
+
+    ``parts`` holds per split ``(files, ids, labels, source, positions)``, positions being the
+    line (CSV) or entry (JSON) numbers, ``None`` for a folder. Files are compared by their
+    normalised absolute path. The error names the image and both places, and both labels
+    when they differ.
+    """
+    seen: dict[str, tuple[int, int]] = {}
+    for k, (files, ids, labels, source, positions) in enumerate(parts):
+        for i, f in enumerate(files):
+            first = seen.setdefault(os.path.normpath(f), (k, i))
+            if first == (k, i):
+                continue
+            k0, i0 = first
+            src0, pos0 = parts[k0][3], parts[k0][4]
+            here = f"{source}: {unit} {positions[i]}" if positions is not None else f"{source}: file"
+            there = f"{unit} {pos0[i0]}" if pos0 is not None else "a file"
+            if src0 != source:
+                there = f"{there} of {src0}" if pos0 is not None else f"the folder {src0}"
+            label0, label = int(parts[k0][2][i0]), int(labels[i])
+            how = "" if label0 == label else (
+                f" with another label ({_short(classes[label])!r} here, {_short(classes[label0])!r} there)"
+            )
+            raise UserError(
+                f"{here}: image {printable_name(ids[i])!r} is listed again{how} (first at {there}); "
+                f"each image may appear once, in one split"
+            )
 
 
 def _plan_csv(path: str, options: dict[str, str | bool]) -> _Plan:
@@ -712,6 +969,10 @@ def _read_json_manifest(file: Path) -> tuple[list[str], np.ndarray]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{file}: not valid JSON for a manifest (lists or objects nested too deeply)") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise UserError(f"{file}: not valid JSON for a manifest ({str(e).split(':')[0]})") from None
     if not isinstance(data, list):
         raise UserError(
             f'{file}: expected a JSON list of {{"name": path, "label": int}}, got {type(data).__name__}'
@@ -730,11 +991,13 @@ def _read_json_manifest(file: Path) -> tuple[list[str], np.ndarray]:
                 raise UserError(f"{file}: entry {i} has no {key!r}")
         name, label = entry["name"], entry["label"]
         if not isinstance(name, str) or not name:
-            raise UserError(f"{file}: entry {i}: 'name' must be a non-empty path string, got {name!r}")
+            raise UserError(f"{file}: entry {i}: 'name' must be a non-empty path string, got {_short(name)}")
         if isinstance(label, bool) or not isinstance(label, int):
-            raise UserError(f"{file}: entry {i}: 'label' must be an integer, got {label!r}")
+            raise UserError(f"{file}: entry {i}: 'label' must be an integer, got {_short(label)}")
         if label < 0:
-            raise UserError(f"{file}: entry {i}: 'label' {label} is negative")
+            raise UserError(f"{file}: entry {i}: 'label' {_short(label)} is negative")
+        if label > _INT64_MAX:
+            raise UserError(f"{file}: entry {i}: 'label' {_short(label)} is too large (at most 2**63 - 1)")
         names.append(name)
         labels.append(label)
     return names, np.array(labels, dtype=np.int64)
@@ -755,13 +1018,16 @@ def _plan_json(path: str, options: dict[str, str | bool]) -> _Plan:
             log.info("json: using %s as the test split", test_file)
     sources = {"train": file} | ({"test": test_file} if test_file is not None else {})
     read = {name: _read_json_manifest(f) for name, f in sources.items()}
-    if classes is None:
-        top = max(int(labels.max()) for _, labels in read.values())
-        classes = [str(i) for i in range(top + 1)]
+    present = None
+    if classes is None:  # integer labels name their classes: the values present, ascending
+        present = present_classes([labels for _, labels in read.values()])
+        classes = [str(v) for v in present.tolist()]
     splits: dict[str, _SplitPlan] = {}
     for name, (names, labels) in read.items():
         src = sources[name]
-        if labels.max() >= len(classes):
+        if present is not None:
+            labels = index_labels(present, labels)[0]
+        elif labels.max() >= len(classes):
             bad = int(np.flatnonzero(labels >= len(classes))[0])
             raise UserError(
                 f"{src}: entry {bad}: 'label' {int(labels[bad])} outside [0, {len(classes) - 1}] "
@@ -769,8 +1035,12 @@ def _plan_json(path: str, options: dict[str, str | bool]) -> _Plan:
             )
         base = str(src.parent)
         plan = _SplitPlan(files=[os.path.join(base, n) for n in names], ids=names, labels=labels)
-        _stat_files(plan, src)
         splits[name] = plan
+    _check_duplicates(
+        [(p.files, p.ids, p.labels, sources[n], range(len(p.files))) for n, p in splits.items()], classes, "entry"
+    )
+    for name, plan in splits.items():
+        _stat_files(plan, sources[name])
     if test_file is None:  # after the checks: a bad manifest is one error line, not a warning and an error
         log.warning("json: no test split for %s (give one with test=FILE)", file)
     key_options = {"test": str(test_file) if test_file else None, "classes": classes}
@@ -783,10 +1053,25 @@ def _plan_json(path: str, options: dict[str, str | bool]) -> _Plan:
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Convert to ``"L"`` or ``"RGB"``; 16/32-bit integer and float grayscale are scaled to 8 bits."""
+    """Convert to ``"L"`` or ``"RGB"``; 16/32-bit integer and float grayscale are scaled to 8 bits.
+
+    The rule (per image): 16-bit modes (``I;16*``), and 32-bit integers (``I``) with a value
+    above 255, are divided by 257 (65535 → 255); float images (``F``, e.g. a float32 TIFF)
+    with every value in [0, 1] are multiplied by 255, those in [0, 255] are kept; then values
+    are rounded and clipped to 0..255. A float image with NaN, infinite or other values (below
+    0 or above 255) raises ``ValueError``, as float arrays of ``npz`` and the API do.
+    """
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        if im.mode == "F" and a.size:
+            lo, hi = float(a.min()), float(a.max())
+            if not np.isfinite([lo, hi]).all():
+                raise ValueError("float image with NaN or infinite values")
+            if lo < 0 or hi > 255:
+                raise ValueError(f"float image with values in [{lo:g}, {hi:g}]; expected [0, 1] or [0, 255]")
+            if hi <= 1.0:
+                a = a * 255.0
+        elif im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
             a = a / 257.0
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
     return im if im.mode == mode else im.convert(mode)
@@ -941,7 +1226,7 @@ def _load_planned(
     """Images from the cache when it matches ``plan``, else decode them and fill the cache."""
     key = _cache.CacheKey(plan.kind, plan.root, {"size": size, "channels": channels, **plan.key_options})
     for m in plan.manifests:
-        key.add_bytes(str(m), m.read_bytes())
+        key.add_bytes(printable_name(str(m)), m.read_bytes())
     for name, s in plan.splits.items():
         key.add_files(name, s.ids, s.sizes, s.mtimes)
     directory = _cache.resolve_cache_dir(cache_dir)
@@ -1101,6 +1386,7 @@ def _load_npz(
                     f"{file}: class_names must be a string array (saved without pickle)"
                 ) from None
             classes = [str(c) for c in names.reshape(-1).tolist()]
+            check_class_names(classes, f"{file}: class_names")
     shapes = {s: x.shape[2:] for s, (x, _) in raw.items()}
     if size is None and len(set(shapes.values())) > 1:
         raise UserError(
@@ -1110,9 +1396,10 @@ def _load_npz(
         )
     if channels is None:
         channels = raw["train"][0].shape[1]
-    top = max(int(y.max()) for _, y in raw.values() if y.size)
-    if classes is None:
-        classes = [str(i) for i in range(top + 1)]
+    if classes is None:  # integer labels name their classes: the values present, ascending
+        present = present_classes([y for _, y in raw.values()])
+        classes = [str(v) for v in present.tolist()]
+        raw = {s: (x, index_labels(present, y)[0]) for s, (x, y) in raw.items()}
     for s, (_, y) in raw.items():
         if y.size and y.max() >= len(classes):
             raise UserError(
