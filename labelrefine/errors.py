@@ -15,3 +15,7 @@ class UserError(ValueError):
     def __init__(self, message: str):
         # Keep the message on one line whatever the caller built.
         super().__init__(" ".join(str(message).split()))
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops (exit code 1) and the last good checkpoint, if any, is kept."""

@@ -284,9 +284,9 @@ CONFIG_CASES = [
 CLI_CASES = [
     _named("cli-resume-and-overwrite", _case("", ["run", "--resume", "--overwrite", "--out", "out"],
                                              "--resume and --overwrite exclude each other")),
-    _named("cli-resume-empty-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
-                                         "--resume: out holds no run to resume",
-                                         setup=lambda w: (w / "out").mkdir())),
+    _named("cli-resume-dir-without-run", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
+                                               "--resume: out holds no run to resume",
+                                               setup=lambda w: _write(w / "out" / "notes.txt", "mine"))),
     _named("cli-resume-missing-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
                                            "--resume: out holds no run to resume")),
     _named("cli-out-holds-a-run", _case(
@@ -363,7 +363,120 @@ CHECKPOINT_CASES = [
                                     y_train=np.arange(90) % 3)), needs_runs=True)),
 ]
 
-CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES
+_HELD_LOCKS: list[int] = []  # file descriptors of the "other run" of the rundir-locked case
+
+
+def _locked_by_another_run(w: Path) -> None:
+    """``out`` claimed by another run: its lock file locked through another open file description."""
+    import fcntl
+    import os
+
+    (w / "out").mkdir()
+    fd = os.open(w / "out" / ".labelrefine.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    _HELD_LOCKS.append(fd)
+
+
+def _resume_dir(config: bytes | None = None, metrics: bytes | None = None, checkpoint: bool = True,
+                dirs: tuple[str, ...] = ()) -> Callable[[Path, Path], None]:
+    """The finished digits run (its checkpoint records 1 epoch of metrics), with files damaged."""
+    def setup(w: Path, runs: Path) -> None:
+        out = _copy_run(runs, w)
+        if not checkpoint:
+            (out / "checkpoint.pt").unlink()
+        for name, data in (("config.yaml", config), ("metrics.jsonl", metrics)):
+            if data is not None:
+                (out / name).write_bytes(data)
+        for name in dirs:
+            (out / name).unlink()
+            (out / name).mkdir()
+    return setup
+
+
+def _out_file(cmd: str, out: str) -> list[str]:
+    """noise/predict with --out; the input (data, model) is missing, so only a check made before
+    the work can give the expected error."""
+    if cmd == "noise":
+        return ["noise", "--data", "csv:nope.csv", "--type", "none", "--out", out]
+    return ["predict", "--model", "nope.pt", "nope.png", "--out", out]
+
+
+RUN_NOPE = ["run", *_sets([*RUN_SETS, "data.spec=csv:nope.csv"])]  # the data would fail to load
+CLEAN_NOPE = ["clean", "--data", "csv:nope.csv", *_sets(["model.backbone=tiny"])]
+
+RUNDIR_CASES = [
+    # unwritable output paths: refused before the data load (the data spec names no file at all)
+    _named("rundir-run-out-under-proc", _case("", [*RUN_NOPE, "--out", "/proc/lr-test/out"],
+                                              "output directory /proc/lr-test/out cannot be created",
+                                              out="/proc/lr-test/out")),
+    _named("rundir-run-out-below-a-file", _case("", [*RUN_NOPE, "--out", "afile/out"],
+                                                "output directory afile/out cannot be created",
+                                                "afile is not a directory", out="afile/out",
+                                                setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-clean-out-under-proc", _case("", [*CLEAN_NOPE, "--out", "/proc/lr-test/out"],
+                                                "output directory /proc/lr-test/out cannot be created",
+                                                out="/proc/lr-test/out")),
+    _named("rundir-clean-out-below-a-file", _case("", [*CLEAN_NOPE, "--out", "afile/out"],
+                                                  "afile is not a directory", out="afile/out",
+                                                  setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-noise-out-under-proc", _case("", _out_file("noise", "/proc/lr-test.csv"),
+                                                "--out /proc/lr-test.csv cannot be written", out="/proc/lr-test.csv")),
+    _named("rundir-noise-out-below-a-file", _case("", _out_file("noise", "afile/n.csv"),
+                                                  "--out afile/n.csv", "afile is not a directory", out="afile/n.csv",
+                                                  setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-predict-out-under-proc", _case("", _out_file("predict", "/proc/lr-test.csv"),
+                                                  "--out /proc/lr-test.csv cannot be written",
+                                                  out="/proc/lr-test.csv")),
+    _named("rundir-predict-out-below-a-file", _case("", _out_file("predict", "afile/p.csv"),
+                                                    "--out afile/p.csv", "afile is not a directory", out="afile/p.csv",
+                                                    setup=lambda w: _write(w / "afile", "precious"))),
+    # an existing --out file is never replaced without --overwrite (a run's model.pt included)
+    _named("rundir-noise-out-exists", _case("", _out_file("noise", "out.csv"), "--out out.csv already exists",
+                                            "--overwrite", out="out.csv",
+                                            setup=lambda w: _write(w / "out.csv", "precious"))),
+    _named("rundir-predict-out-exists", _case("", _out_file("predict", "out/model.pt"),
+                                              "--out out/model.pt already exists", "--overwrite",
+                                              out="out/model.pt", setup=lambda w, runs: _copy_run(runs, w),
+                                              needs_runs=True)),
+    # a directory another run holds
+    _named("rundir-locked-by-another-run", _case("", ["run", *_sets(RUN_SETS), "--out", "out"],
+                                                 "output directory out is in use by another labelrefine run",
+                                                 "(PID 4242)", setup=_locked_by_another_run)),
+    _named("rundir-clean-locked-by-another-run", _case("", [*CLEAN_NOPE, "--out", "out"],
+                                                       "out is in use by another labelrefine run (PID 4242)",
+                                                       setup=_locked_by_another_run)),
+    # --resume: a damaged config.yaml or metrics.jsonl is refused before any training
+    _named("rundir-resume-config-not-utf8", _case("", RESUME, "--resume: out/config.yaml: line 2 is not UTF-8",
+                                                  setup=_resume_dir(config=b"seed: 0\nmethod: \xff\n"),
+                                                  needs_runs=True)),
+    _named("rundir-resume-no-ckpt-config-not-utf8", _case(
+        "", RESUME, "--resume: out/config.yaml: line 1 is not UTF-8",
+        setup=_resume_dir(config=b"\xfe\xff", checkpoint=False), needs_runs=True)),
+    _named("rundir-resume-no-ckpt-config-edited", _case(
+        "", RESUME, "--resume: out/config.yaml differs from this config (line 1)",
+        setup=_resume_dir(config=b"# edited\n", checkpoint=False), needs_runs=True)),
+    _named("rundir-resume-config-is-a-directory", _case(
+        "", RESUME, "--resume: out/config.yaml is not a regular file", setup=_resume_dir(dirs=("config.yaml",)),
+        needs_runs=True)),
+    _named("rundir-resume-metrics-bad-json", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not valid JSON",
+        setup=_resume_dir(metrics=b'{"phase": "train", "global_epoch": 1\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-not-utf8", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not UTF-8",
+        setup=_resume_dir(metrics=b'{"phase": "\xff"}\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-wrong-record", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not the record of epoch 1",
+        setup=_resume_dir(metrics=b'{"global_epoch": 7, "phase": "train"}\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-too-short", _case(
+        "", RESUME, "--resume: out/metrics.jsonl has 0 complete line(s)", "records 1",
+        setup=_resume_dir(metrics=b'{"global_epoch": 1, "pha'), needs_runs=True)),
+    _named("rundir-resume-metrics-is-a-directory", _case(
+        "", RESUME, "--resume: out/metrics.jsonl is not a regular file", setup=_resume_dir(dirs=("metrics.jsonl",)),
+        needs_runs=True)),
+]
+
+CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + RUNDIR_CASES
 
 
 def test_corpus_is_large_and_ids_unique():
@@ -371,6 +484,7 @@ def test_corpus_is_large_and_ids_unique():
     assert len({c.id for c in CASES}) == len(CASES)
     assert all(c.id for c in CASES)
     assert len(DATA_CASES) >= 8 and len(CONFIG_CASES) >= 8 and len(CLI_CASES) >= 5 and len(CHECKPOINT_CASES) >= 4
+    assert len(RUNDIR_CASES) >= 15
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +509,15 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int] | None]:
     """Every path under ``root``: a file's bytes and mtime, ``None`` for a directory."""
     return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
             for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    yield
+    import os
+
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
