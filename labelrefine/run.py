@@ -30,17 +30,18 @@ from .config import RunConfig, config_hash, config_to_dict, dump_yaml
 from .data import DataSplits, ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
 from .engine import Context, EpochSpec, backbone_kwargs, resolve_device, to_device
-from .errors import TrainingDiverged, UserError
+from .errors import TrainingDiverged as TrainingDiverged  # re-exported: it lived here before errors.py
+from .errors import UserError
 from .evaluation import Oracle, accuracy
 from .io import atomic_path, write_bytes, write_csv, write_error, write_json, write_text
 from .methods import get_method
 from .predict import MODEL_FORMAT
 from .progress import progress
-from .rundir import ARTIFACTS, check_out_dir, claim, clear_run, remove_stale_tmp
+from .rundir import ARTIFACTS as ARTIFACTS  # re-exported
+from .rundir import check_out_dir, claim, clear_run, remove_stale_tmp
 
 log = logging.getLogger("labelrefine")
 
-__all__ = ["ARTIFACTS", "TrainingDiverged", "prepare_data", "run"]  # ARTIFACTS, TrainingDiverged: re-exported
 CHECKPOINT_FORMAT = "labelrefine-checkpoint-v1"
 
 
@@ -176,18 +177,29 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                 raise UserError(f"--resume: {out / name} is not a regular file; restore it or use --overwrite")
 
 
-def _read_run_text(path: Path) -> str:
-    """A text file of a run directory; damage is a one-line error naming the file and line."""
-    hint = "restore it or use --overwrite"
+_DAMAGED = "restore it or use --overwrite"
+
+
+def _read_run_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
-        raise UserError(f"--resume: {path} cannot be read ({e.strerror}); {hint}") from None
+        raise UserError(f"--resume: {path} cannot be read ({e.strerror}); {_DAMAGED}") from None
+
+
+def _decode_run_text(path: Path, data: bytes, first_line: int = 1) -> str:
+    """UTF-8 text of a run directory's file; damage is a one-line error naming the file and line."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"--resume: {path}: line {line} is not UTF-8 text ({e.reason}); {hint}") from None
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise UserError(f"--resume: {path}: line {line} is not UTF-8 text ({e.reason}); {_DAMAGED}") from None
+
+
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The newline-terminated lines of ``data``, without their newlines (a partial last line,
+    from a kill in the middle of an append, is not one)."""
+    return data.split(b"\n")[:-1]
 
 
 def _check_config_file(out: Path, cfg: RunConfig, *, must_match: bool) -> None:
@@ -195,7 +207,7 @@ def _check_config_file(out: Path, cfg: RunConfig, *, must_match: bool) -> None:
     path = out / "config.yaml"
     if not path.exists():
         return
-    text = _read_run_text(path)
+    text = _decode_run_text(path, _read_run_bytes(path))
     if not must_match:
         return  # the checkpoint's config hash decides; config.yaml is rewritten from the config
     ours = dump_yaml(cfg)
@@ -217,22 +229,22 @@ def _check_metrics(out: Path, ckpt: dict) -> None:
         return  # not this function's business: loading the checkpoint's state reports it
     if keep == 0:
         return
-    hint = "restore it or use --overwrite"
     if not path.is_file():
         raise UserError(f"--resume: {path} is missing but {out / 'checkpoint.pt'} records {keep} epoch(s) of "
-                        f"metrics; {hint}")
-    lines = _read_run_text(path).split("\n")
-    if len(lines) - 1 < keep:
-        raise UserError(f"--resume: {path} has {len(lines) - 1} complete line(s) but {out / 'checkpoint.pt'} "
-                        f"records {keep}; {hint}")
-    for k, line in enumerate(lines[:keep]):
+                        f"metrics; {_DAMAGED}")
+    lines = _complete_lines(_read_run_bytes(path))
+    if len(lines) < keep:
+        raise UserError(f"--resume: {path} has {len(lines)} complete line(s) but {out / 'checkpoint.pt'} "
+                        f"records {keep}; {_DAMAGED}")
+    for k, line in enumerate(lines[:keep]):  # the lines after them are dropped unread
         try:
-            rec = json.loads(line)
+            rec = json.loads(_decode_run_text(path, line, k + 1))
         except json.JSONDecodeError as e:
-            raise UserError(f"--resume: {path}: line {k + 1} is not valid JSON ({e.msg}); {hint}") from None
+            raise UserError(f"--resume: {path}: line {k + 1} is not valid JSON ({e.msg}); {_DAMAGED}") from None
         phase = schedule[k].get("phase") if k < len(schedule) and isinstance(schedule[k], dict) else None
         if not isinstance(rec, dict) or rec.get("global_epoch") != k + 1 or rec.get("phase") != phase:
-            raise UserError(f"--resume: {path}: line {k + 1} is not the record of epoch {k + 1} ({phase}); {hint}")
+            raise UserError(f"--resume: {path}: line {k + 1} is not the record of epoch {k + 1} ({phase}); "
+                            f"{_DAMAGED}")
 
 
 def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
@@ -468,7 +480,7 @@ def _truncate_lines(path: Path, keep: int) -> None:
     """
     if not path.exists():
         return
-    lines = path.read_bytes().split(b"\n")[:keep] if keep else []
+    lines = _complete_lines(path.read_bytes())[:keep] if keep else []
     write_bytes(path, b"".join(line + b"\n" for line in lines))
 
 

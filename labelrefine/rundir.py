@@ -59,9 +59,28 @@ class _Claim:
     lock: Path
     created: list[Path] = field(default_factory=list)  # directories this claim made, outermost first
     depth: int = 1
+    pid: int = field(default_factory=os.getpid)
 
 
 _held: dict[str, _Claim] = {}
+
+
+def _drop_in_child() -> None:
+    """After a fork (the decode pool, DataLoader workers): the child must not keep the lock.
+
+    flock belongs to the open file description, which a forked child shares: a child outliving a
+    killed parent would hold the directory. Closing the child's descriptor (never LOCK_UN, which
+    would release the parent's lock too) leaves the parent the only holder.
+    """
+    for c in _held.values():
+        if c.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(c.fd)
+            c.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def _read_pid(lock: Path) -> str:
@@ -147,6 +166,8 @@ def _lock(out: Path, created: list[Path]) -> _Claim:
 
 
 def _unlock(c: _Claim, *, failed: bool) -> None:
+    if c.pid != os.getpid():
+        return  # a forked child unwinding the parent's stack: the parent still holds the claim
     with contextlib.suppress(OSError):
         c.lock.unlink()  # while still locked: a waiting claimant then sees another inode and retries
     if c.fd is not None:
@@ -188,7 +209,7 @@ def claim(out: str | os.PathLike, *, writer: bool | None = None) -> Iterator[Non
         yield
         failed = False
     finally:
-        del _held[key]
+        _held.pop(key, None)
         _unlock(c, failed=failed)
 
 

@@ -11,7 +11,12 @@ by the module fixture ``finished_runs`` (digits and a 3-class npz, ``method=ce``
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,7 +374,6 @@ _HELD_LOCKS: list[int] = []  # file descriptors of the "other run" of the rundir
 def _locked_by_another_run(w: Path) -> None:
     """``out`` claimed by another run: its lock file locked through another open file description."""
     import fcntl
-    import os
 
     (w / "out").mkdir()
     fd = os.open(w / "out" / ".labelrefine.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -514,8 +518,6 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int] | None]:
 @pytest.fixture(autouse=True)
 def _release_held_locks():
     yield
-    import os
-
     while _HELD_LOCKS:
         os.close(_HELD_LOCKS.pop())
 
@@ -559,3 +561,74 @@ def test_resume_with_unchanged_data_passes_the_data_check(finished_runs: Path, t
     assert main(["-q", *RESUME_NPZ]) == 0
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_train"] == 54
+
+
+# --------------------------------------------------------------------------------------------
+# output failures that need more than a table row: a full disk, a read-only file system
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "checkpoint.pt", "labels.csv", "model.pt", "accuracy.png",
+                                  "report.html", "summary.json"])
+def test_disk_full_is_one_line_naming_the_file(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """The temporary file of ``name`` is /dev/full: every write to it fails with ENOSPC, as on a
+    full disk. One line naming the file, exit 2, no temporary file or lock left behind."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        if os.path.basename(path).startswith(f".{name}."):
+            os.close(fd)
+            os.unlink(path)
+            os.symlink("/dev/full", path)
+            fd = os.open(path, os.O_WRONLY)
+        return fd, path
+
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code = main(["-q", "run", *_sets(RUN_SETS), "--out", "out"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    # torch.save straight to a file reports a short write without errno: "disk full?" then
+    assert re.fullmatch(rf"labelrefine: error: (no space left on device|the write failed \(disk full\?\)) "
+                        rf"writing out/{re.escape(name)}", lines[0]), lines[0]
+    out = tmp_path / "out"  # removed again when the failed run had written nothing into it
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert out.exists() == (name != "config.yaml")
+    assert not [n for n in left if n.endswith(".tmp") or n == ".labelrefine.lock"], left
+    assert "summary.json" not in left  # never marked finished: --resume (or bench) redoes the end
+
+
+def _read_only_mount_works(d: Path) -> bool:
+    try:
+        res = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro,size=64k tmpfs {d}"],
+                             capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
+
+
+@pytest.mark.parametrize("cmd", ["run-new-dir", "run-existing-dir", "clean", "noise", "predict"])
+def test_read_only_file_system(cmd: str, tmp_path: Path):
+    """A read-only mount (a private tmpfs in a mount namespace): one line, exit 2, before any data
+    is loaded (the data and model named here do not exist)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only_mount_works(ro):
+        pytest.skip("cannot mount a read-only tmpfs here (needs unshare -m and CAP_SYS_ADMIN)")
+    argv = {"run-new-dir": [*RUN_NOPE, "--out", f"{ro}/out"], "run-existing-dir": [*RUN_NOPE, "--out", f"{ro}/out"],
+            "clean": [*CLEAN_NOPE, "--out", f"{ro}/out"], "noise": _out_file("noise", f"{ro}/n.csv"),
+            "predict": _out_file("predict", f"{ro}/p.csv")}[cmd]
+    mount = (f"mount -t tmpfs -o size=64k tmpfs {ro} && mkdir {ro}/out && mount -o remount,ro {ro}"
+             if cmd == "run-existing-dir" else f"mount -t tmpfs -o ro,size=64k tmpfs {ro}")
+    script = f"{mount} && exec {shlex.quote(sys.executable)} -m labelrefine {shlex.join(argv)}"
+    env = {**os.environ, "LABELREFINE_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("labelrefine: error: ") and "read-only file system" in lines[0], lines[0]
+    assert str(ro) in lines[0]
+    assert not (tmp_path / "cache").exists()
