@@ -219,7 +219,12 @@ def _train(images, labels, *, classes, test_images, test_labels, config, overrid
     if out is None:
         tmp = tempfile.mkdtemp(prefix="labelrefine-")
         out = tmp
-    run(cfg, out, data=data)  # a directory that already holds a run is refused, never overwritten
+    try:
+        run(cfg, out, data=data)  # a directory that already holds a run is refused, never overwritten
+    except BaseException:
+        if tmp is not None:  # the caller gets the error, not a run directory to clean up
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return Path(out), tmp
 
 

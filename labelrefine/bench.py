@@ -15,10 +15,11 @@ A suite is a YAML file (the built-in ones live in ``labelrefine/suites/``; ``lab
     config: {...}               # the base run config (see labelrefine.config)
 
 Run ``r`` of a suite lives in ``OUT/runs/<setting>/<method>/seed<k>/`` with every artifact of an
-ordinary ``labelrefine run``. A run whose ``summary.json`` has the config hash of the planned run
-is reused; an unfinished one is resumed from its checkpoint; one that was made with another
-config is an error unless ``--overwrite``. ``OUT/results.csv``, ``OUT/results.md`` and
-``OUT/results.png`` are rewritten (atomically) after every run.
+ordinary ``labelrefine run``. A run whose ``summary.json`` (a run's last write: its completion
+marker) has the config hash of the planned run is reused; an unfinished one is resumed from its
+checkpoint; one that was made with another config is an error unless ``--overwrite``.
+``OUT/results.csv``, ``OUT/results.md`` and ``OUT/results.png`` are rewritten (atomically) after
+every run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
 from .errors import UserError, short_repr
 from .io import write_text
+from .rundir import FINISHED_MARKER
 
 log = logging.getLogger("labelrefine")
 
@@ -230,8 +232,11 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
 
 
 def _status(r: PlannedRun) -> str:
-    """cached | resume | new | stale (another config; an error unless overwrite)."""
-    summary = r.out / "summary.json"
+    """cached | resume | new | stale (another config; an error unless overwrite).
+
+    Finished means ``summary.json`` exists: a run writes it after every other artifact.
+    """
+    summary = r.out / FINISHED_MARKER
     if summary.is_file():
         try:
             done = json.loads(summary.read_text(encoding="utf-8"))
@@ -240,8 +245,11 @@ def _status(r: PlannedRun) -> str:
         if done.get("config_hash") == config_hash(r.cfg):
             return "cached"
         return "stale"
-    if (r.out / "config.yaml").is_file():
-        same = (r.out / "config.yaml").read_text(encoding="utf-8") == dump_yaml(r.cfg)
+    if (r.out / "config.yaml").exists():
+        try:
+            same = (r.out / "config.yaml").read_text(encoding="utf-8") == dump_yaml(r.cfg)
+        except (OSError, UnicodeDecodeError):
+            return "resume"  # damaged: the resume refuses it with a one-line error naming the file
         return "resume" if same else "stale"
     return "new"
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 
 EXIT_USAGE = 2
 
@@ -50,7 +50,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     from .config import RANGES
     from .data.noise import apply_noise, check_noise_type
     from .data.sources import load_data
-    from .io import write_csv
+    from .io import check_output_file, write_csv
 
     # Validate everything before the (possibly slow) data load.
     fixed = not check_noise_type(args.type)
@@ -64,6 +64,8 @@ def cmd_noise(args: argparse.Namespace) -> int:
     seeds = RANGES["data.noise_seed"]  # --seed is the config's data.noise_seed
     if not seeds.contains(args.seed):
         raise UserError(f"--seed {args.seed} is outside {seeds.describe()}")
+    if args.out:
+        check_output_file(args.out, overwrite=args.overwrite, example="noise.csv")
     data = load_data(args.data)
     train = data.train
     res = apply_noise(train, args.type, rate, seed=args.seed, pixel_scale=args.pixel_scale)
@@ -83,13 +85,22 @@ def cmd_noise(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import load_config
-    from .run import run
+    from .rundir import check_out_dir, claim
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     cfg = load_config(args.config, args.set)
-    summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    # Claim the directory before the slow imports (torch) and the data load: a second run into it
+    # is refused at once, an unwritable path too, and a kill from here on leaves a directory that
+    # --resume starts afresh.
+    with claim(args.out):
+        check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+        from .run import run
+
+        summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if not summary:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     keys = ("final_test_acc", "best_val_acc", "best_val_test_acc", "train_label_acc_before", "train_label_acc_after")
@@ -106,27 +117,30 @@ def cmd_clean(args: argparse.Namespace) -> int:
     import csv
     from pathlib import Path
 
-    from .api import config_for
     from .config import load_config
-    from .data.sources import load_data
-    from .run import _check_out_dir, default_cache_dir, run
+    from .rundir import check_out_dir, claim
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    _check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
     probe = load_config(args.config, [f"data.spec={args.data}", *args.set])  # validates before the data load
-    data = load_data(args.data, cache_dir=default_cache_dir(probe))
-    train = data.train
-    cfg, chosen = config_for(train, device=probe.device, config=args.config,
-                             overrides=[f"data.spec={args.data}", *args.set])
-    c, h, w = train.shape
-    print(f"data: {args.data}: {len(train)} training images, {h}x{w}, {c} channel(s), {train.num_classes} classes"
-          + (f"; test split {len(data.test)}" if data.test is not None else "; no test split"))
-    if chosen:
-        print("settings chosen for this data (override with --set KEY=VALUE):")
-        for item, why in chosen:
-            print(f"  {item:<30} {why}")
-    summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, data=data)
+    with claim(args.out):  # before the slow imports and the data load: see cmd_run
+        check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+        from .api import config_for
+        from .data.sources import load_data
+        from .run import default_cache_dir, run
+
+        data = load_data(args.data, cache_dir=default_cache_dir(probe))
+        train = data.train
+        cfg, chosen = config_for(train, device=probe.device, config=args.config,
+                                 overrides=[f"data.spec={args.data}", *args.set])
+        c, h, w = train.shape
+        print(f"data: {args.data}: {len(train)} training images, {h}x{w}, {c} channel(s), {train.num_classes} "
+              f"classes" + (f"; test split {len(data.test)}" if data.test is not None else "; no test split"))
+        if chosen:
+            print("settings chosen for this data (override with --set KEY=VALUE):")
+            for item, why in chosen:
+                print(f"  {item:<30} {why}")
+        summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, data=data)
     if not summary:
         return 0
     with open(Path(args.out) / "labels.csv", newline="", encoding="utf-8") as f:
@@ -190,16 +204,15 @@ def _bench_speed(args: argparse.Namespace, methods: list[str] | None, command: s
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
-    from pathlib import Path
 
     from .data.sources import printable_name
-    from .io import write_csv
+    from .io import check_output_file, write_csv
     from .predict import find_images, load_model
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive number")
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a directory; give a file name such as {Path(args.out) / 'preds.csv'}")
+    if args.out:
+        check_output_file(args.out, overwrite=args.overwrite, example="preds.csv")
     predictor = load_model(args.model)
     files = find_images(args.paths)
     probs = predictor.predict_proba(predictor.load_images(files), batch_size=args.batch_size)
@@ -262,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--pixel-scale", type=float, default=255.0,
                    help="IDN only: value of a white pixel in the projection (255 = raw pixels, the reference)")
     n.add_argument("--out", metavar="FILE", help="write id,clean_label,noisy_label,is_noisy to this CSV")
+    n.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     n.set_defaults(func=cmd_noise)
 
     r = sub.add_parser(
@@ -315,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pr.add_argument("--model", required=True, metavar="FILE", help="a run's model.pt")
     pr.add_argument("--out", metavar="FILE", help="write the CSV here (default: stdout)")
+    pr.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     pr.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
     pr.set_defaults(func=cmd_predict)
 
@@ -337,9 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"labelrefine: error: {e}\n")
         return EXIT_USAGE
-    except RuntimeError as e:
-        if type(e).__name__ != "TrainingDiverged":
-            raise
+    except TrainingDiverged as e:
         sys.stderr.write(f"labelrefine: error: {e}\n")
         return 1
     except KeyboardInterrupt:

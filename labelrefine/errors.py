@@ -17,6 +17,10 @@ class UserError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops (exit code 1) and the last good checkpoint, if any, is kept."""
+
+
 def short_repr(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to about ``limit`` characters, for embedding user input in a message.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import write_text
+from .io import write_bytes, write_text
 
 PHASE_COLORS = {"ssl": "#eeeeee", "warmup": "#fff3d6", "refine": "#e3f0ff", "finetune": "#e6f7e6",
                 "train": "#ffffff"}
@@ -362,6 +362,6 @@ def write_report(out: Path, summary: dict, rep: dict, given: torch.Tensor, class
                          f"{len(rep['refined_label'])} report rows differ")
     pngs = make_plots(_read_metrics(out), rep, given, classes)
     for name, data in pngs.items():
-        (out / name).write_bytes(data)
+        write_bytes(out / name, data)  # atomic: a kill never leaves a truncated PNG
     write_text(out / "report.html", build_html(summary, rep, given, classes, images, ids, pngs, top_k=top_k,
                                                 predict_logits=predict_logits))

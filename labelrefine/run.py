@@ -30,25 +30,22 @@ from .config import RunConfig, config_hash, config_to_dict, dump_yaml
 from .data import DataSplits, ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
 from .engine import Context, EpochSpec, backbone_kwargs, resolve_device, to_device
+from .errors import TrainingDiverged as TrainingDiverged  # re-exported: it lived here before errors.py
 from .errors import UserError
 from .evaluation import Oracle, accuracy
-from .io import write_csv, write_json, write_text
+from .io import write_bytes, write_csv, write_error, write_json, write_text
 from .methods import get_method
 from .predict import MODEL_FORMAT
 from .progress import progress
+from .rundir import ARTIFACTS as ARTIFACTS  # re-exported
+from .rundir import check_out_dir, claim, clear_run, remove_stale_tmp
 from .store import StoreError
 from .store import load as store_load
 from .store import save as store_save
 
 log = logging.getLogger("labelrefine")
 
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "labels.csv", "summary.json", "model.pt", "report.html",
-             "checkpoint.pt")
 CHECKPOINT_FORMAT = "labelrefine-checkpoint-v2"  # v2: checksummed store file of plain values (labelrefine.store)
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss: the run stops and the last good checkpoint is kept."""
 
 
 def default_cache_dir(cfg: RunConfig) -> str:
@@ -182,16 +179,83 @@ def _set_rng_state(ctx: Context, state: dict) -> None:
 
 
 def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    existing = [a for a in ARTIFACTS if (out / a).exists()]
+    """The output directory suits the request (:func:`labelrefine.rundir.check_out_dir`), and under
+    ``--resume`` its ``config.yaml`` and ``metrics.jsonl`` are regular files."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
     if resume:
-        if not (out / "checkpoint.pt").is_file() and not (out / "config.yaml").is_file():
-            raise UserError(f"--resume: {out} holds no run to resume (no checkpoint.pt)")
+        for name in ("config.yaml", "metrics.jsonl"):
+            if (out / name).exists() and not (out / name).is_file():
+                raise UserError(f"--resume: {out / name} is not a regular file; restore it or use --overwrite")
+
+
+_DAMAGED = "restore it or use --overwrite"
+
+
+def _read_run_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--resume: {path} cannot be read ({e.strerror}); {_DAMAGED}") from None
+
+
+def _decode_run_text(path: Path, data: bytes, first_line: int = 1) -> str:
+    """UTF-8 text of a run directory's file; damage is a one-line error naming the file and line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise UserError(f"--resume: {path}: line {line} is not UTF-8 text ({e.reason}); {_DAMAGED}") from None
+
+
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The newline-terminated lines of ``data``, without their newlines (a partial last line,
+    from a kill in the middle of an append, is not one)."""
+    return data.split(b"\n")[:-1]
+
+
+def _check_config_file(out: Path, cfg: RunConfig, *, must_match: bool) -> None:
+    """``config.yaml`` of the run to resume: readable; the same config when no checkpoint decides."""
+    path = out / "config.yaml"
+    if not path.exists():
         return
-    if existing and not overwrite:
-        raise UserError(f"output directory {out} already holds a run ({existing[0]}); "
-                        f"pass --resume to continue it or --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory")
+    text = _decode_run_text(path, _read_run_bytes(path))
+    if not must_match:
+        return  # the checkpoint's config hash decides; config.yaml is rewritten from the config
+    ours = dump_yaml(cfg)
+    if text != ours:
+        old, new = text.splitlines(), ours.splitlines()
+        line = next((k + 1 for k, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+                    min(len(old), len(new)) + 1)
+        raise UserError(f"--resume: {path} differs from this config (line {line}); resume with the same config "
+                        f"or use --overwrite")
+
+
+def _check_metrics(out: Path, ckpt: dict) -> None:
+    """The first ``metrics_lines`` lines of ``metrics.jsonl`` (those a resume keeps) are this
+    run's records, one per epoch in schedule order: checked before any training."""
+    path = out / "metrics.jsonl"
+    state, schedule = ckpt.get("engine"), ckpt.get("schedule")
+    keep = state.get("metrics_lines") if isinstance(state, dict) else None
+    if not isinstance(keep, int) or not isinstance(schedule, list):
+        return  # not this function's business: loading the checkpoint's state reports it
+    if keep == 0:
+        return
+    if not path.is_file():
+        raise UserError(f"--resume: {path} is missing but {out / 'checkpoint.pt'} records {keep} epoch(s) of "
+                        f"metrics; {_DAMAGED}")
+    lines = _complete_lines(_read_run_bytes(path))
+    if len(lines) < keep:
+        raise UserError(f"--resume: {path} has {len(lines)} complete line(s) but {out / 'checkpoint.pt'} "
+                        f"records {keep}; {_DAMAGED}")
+    for k, line in enumerate(lines[:keep]):  # the lines after them are dropped unread
+        try:
+            rec = json.loads(_decode_run_text(path, line, k + 1))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--resume: {path}: line {k + 1} is not valid JSON ({e.msg}); {_DAMAGED}") from None
+        phase = schedule[k].get("phase") if k < len(schedule) and isinstance(schedule[k], dict) else None
+        if not isinstance(rec, dict) or rec.get("global_epoch") != k + 1 or rec.get("phase") != phase:
+            raise UserError(f"--resume: {path}: line {k + 1} is not the record of epoch {k + 1} ({phase}); "
+                            f"{_DAMAGED}")
 
 
 def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
@@ -260,7 +324,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     ddp.init_from_env(resolve_device(cfg.device).type)
     started_group = started_group and ddp.enabled()
     try:
-        return _run(cfg, Path(out_dir), resume=resume, overwrite=overwrite, data=data)
+        with claim(out_dir, writer=ddp.is_main()):  # the CLI may hold it already: then this is a no-op
+            return _run(cfg, Path(out_dir), resume=resume, overwrite=overwrite, data=data)
     finally:
         if started_group:
             ddp.shutdown()
@@ -277,12 +342,17 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
     ckpt = None
     if resume and (out / "checkpoint.pt").exists():  # a directory there: _load_checkpoint says so
         ckpt = _load_checkpoint(out / "checkpoint.pt", cfg)
-    elif resume:
+        _check_config_file(out, cfg, must_match=False)
+        _check_metrics(out, ckpt)
+    elif resume and (out / "config.yaml").exists():
         # Stopped before its first checkpoint: start again, but only with the same config.
-        if (out / "config.yaml").read_text(encoding="utf-8") != dump_yaml(cfg):
-            raise UserError(f"--resume: {out}/config.yaml differs from this config; resume with the same config "
-                            f"or use --overwrite")
+        _check_config_file(out, cfg, must_match=True)
         log.warning("%s has no checkpoint yet: starting from the first epoch", out)
+    elif resume:
+        # Claimed, then killed during the imports or the data load: nothing to continue.
+        log.warning("%s holds no run yet: starting from the first epoch", out)
+    if main:
+        remove_stale_tmp(out)  # a kill during an atomic write leaves .NAME.*.tmp files
     get_method(cfg.method)  # fail on an unknown method before loading data
     ddp.barrier()  # every rank has checked the output directory before rank 0 writes to it
     device = resolve_device(cfg.device)
@@ -321,12 +391,12 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
         log.info("resuming %s at epoch %d of %d", out, state["done"] + 1, len(schedule))
     else:
         if overwrite and main:
-            for a in ARTIFACTS:
-                (out / a).unlink(missing_ok=True)
+            clear_run(out)  # every file of ours, so nothing of the old run stays beside the new one
         schedule = method.schedule()
         state = {"done": 0, "best": None, "phase_seconds": {}, "metrics_lines": 0, "supervised_started": False,
                  "last_val": None, "last_test": None, "elapsed": 0.0}
     metrics_path = out / "metrics.jsonl"
+    checkpoint_epoch = state["done"] if ckpt is not None else None  # the epoch the checkpoint on disk ends
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", dump_yaml(cfg))
@@ -352,8 +422,10 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
         try:
             logs = method.run_epoch(spec)
         except FloatingPointError:
+            kept = (f"the last good checkpoint (after epoch {checkpoint_epoch} of {len(schedule)}) is kept in {out}"
+                    if checkpoint_epoch else "no checkpoint was written before it, so there is nothing to resume")
             raise TrainingDiverged(f"non-finite loss in phase {spec.phase!r}, iteration {spec.iteration}, "
-                                   f"epoch {spec.epoch}; the last good checkpoint is kept in {out}") from None
+                                   f"epoch {spec.epoch} (epoch {i + 1} of {len(schedule)}); {kept}") from None
         dt = time.perf_counter() - t0
         for net in method.networks().values():
             ddp.average_buffers(net)  # BatchNorm statistics: the same model on every rank
@@ -383,6 +455,7 @@ def _run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, data: Data
         every = cfg.checkpoint_every
         if every and ((i + 1) % every == 0 or i + 1 == len(schedule)):
             _save_checkpoint(out / "checkpoint.pt", cfg, schedule, method, ctx, state, _data_fingerprint(prep))
+            checkpoint_epoch = i + 1
 
     return _finish(cfg, out, prep, ctx, method, state, oracle, t_data)
 
@@ -403,18 +476,25 @@ def _epoch_line(r: dict, total: int) -> str:
 
 
 def _append_line(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a partial last line is dropped by the next --resume (it keeps whole epochs)
+        raise write_error(path, e) from None
 
 
 def _truncate_lines(path: Path, keep: int) -> None:
-    """Keep the first ``keep`` lines (a resumed run rewrites what came after its checkpoint)."""
+    """Keep the first ``keep`` lines (a resumed run rewrites what came after its checkpoint).
+
+    Works on bytes: the lines kept were checked by :func:`_check_metrics`, the rest (a partial line
+    of a kill mid-append, say) is dropped unread.
+    """
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    write_text(path, "".join(lines))
+    lines = _complete_lines(path.read_bytes())[:keep] if keep else []
+    write_bytes(path, b"".join(line + b"\n" for line in lines))
 
 
 def _save_checkpoint(path: Path, cfg: RunConfig, schedule, method, ctx: Context, state: dict,
@@ -473,7 +553,6 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
     }
     if oracle is not None:
         summary.update(oracle.final_metrics(rep["refined_label"], rep["is_label_issue"]))
-    write_json(out / "summary.json", summary)
     try:
         from .report import write_report
 
@@ -481,4 +560,7 @@ def _finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, sta
                      predict_logits=method.predict_logits)
     except ImportError as e:  # matplotlib missing: the run's results stand without the report
         log.warning("report skipped: %s", e)
+    # Last: summary.json marks the run finished (bench reuses a run that has one), so a run killed
+    # before it is resumed and every artifact above is written again.
+    write_json(out / "summary.json", summary)
     return summary

@@ -146,6 +146,20 @@ def test_clean_cli_errors(args, message, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("call", ["find_label_issues", "fit"])
+def test_failed_training_removes_the_temporary_run_directory(call, tmp_path, monkeypatch):
+    import tempfile
+
+    from labelrefine.errors import TrainingDiverged
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    x, y = _digits(120)
+    with pytest.raises(TrainingDiverged):
+        getattr(labelrefine, call)(x, y, overrides=[*FAST, "ssl.epochs=0", "optim.lr=1e30", "optim.nesterov=false"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     """The README's Python API block, run as written (in a scratch directory)."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,9 +295,9 @@ CONFIG_CASES = [
 CLI_CASES = [
     _named("cli-resume-and-overwrite", _case("", ["run", "--resume", "--overwrite", "--out", "out"],
                                              "--resume and --overwrite exclude each other")),
-    _named("cli-resume-empty-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
-                                         "--resume: out holds no run to resume",
-                                         setup=lambda w: (w / "out").mkdir())),
+    _named("cli-resume-dir-without-run", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
+                                               "--resume: out holds no run to resume",
+                                               setup=lambda w: _write(w / "out" / "notes.txt", "mine"))),
     _named("cli-resume-missing-dir", _case("", ["run", *_sets(RUN_SETS), "--resume", "--out", "out"],
                                            "--resume: out holds no run to resume")),
     _named("cli-out-holds-a-run", _case(
@@ -696,7 +700,120 @@ DATA13_CASES = [
         "", ["clean", "--data", "digits,size=1x8", "--out", "out"], "the training images are 1x8 pixels")),
 ]
 
-CASES = DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES + CONFIG13_CASES + DATA13_CASES
+_HELD_LOCKS: list[int] = []  # file descriptors of the "other run" of the rundir-locked case
+
+
+def _locked_by_another_run(w: Path) -> None:
+    """``out`` claimed by another run: its lock file locked through another open file description."""
+    import fcntl
+
+    (w / "out").mkdir()
+    fd = os.open(w / "out" / ".labelrefine.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    _HELD_LOCKS.append(fd)
+
+
+def _resume_dir(config: bytes | None = None, metrics: bytes | None = None, checkpoint: bool = True,
+                dirs: tuple[str, ...] = ()) -> Callable[[Path, Path], None]:
+    """The finished digits run (its checkpoint records 1 epoch of metrics), with files damaged."""
+    def setup(w: Path, runs: Path) -> None:
+        out = _copy_run(runs, w)
+        if not checkpoint:
+            (out / "checkpoint.pt").unlink()
+        for name, data in (("config.yaml", config), ("metrics.jsonl", metrics)):
+            if data is not None:
+                (out / name).write_bytes(data)
+        for name in dirs:
+            (out / name).unlink()
+            (out / name).mkdir()
+    return setup
+
+
+def _out_file(cmd: str, out: str) -> list[str]:
+    """noise/predict with --out; the input (data, model) is missing, so only a check made before
+    the work can give the expected error."""
+    if cmd == "noise":
+        return ["noise", "--data", "csv:nope.csv", "--type", "none", "--out", out]
+    return ["predict", "--model", "nope.pt", "nope.png", "--out", out]
+
+
+RUN_NOPE = ["run", *_sets([*RUN_SETS, "data.spec=csv:nope.csv"])]  # the data would fail to load
+CLEAN_NOPE = ["clean", "--data", "csv:nope.csv", *_sets(["model.backbone=tiny"])]
+
+RUNDIR_CASES = [
+    # unwritable output paths: refused before the data load (the data spec names no file at all)
+    _named("rundir-run-out-under-proc", _case("", [*RUN_NOPE, "--out", "/proc/lr-test/out"],
+                                              "output directory /proc/lr-test/out cannot be created",
+                                              out="/proc/lr-test/out")),
+    _named("rundir-run-out-below-a-file", _case("", [*RUN_NOPE, "--out", "afile/out"],
+                                                "output directory afile/out cannot be created",
+                                                "afile is not a directory", out="afile/out",
+                                                setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-clean-out-under-proc", _case("", [*CLEAN_NOPE, "--out", "/proc/lr-test/out"],
+                                                "output directory /proc/lr-test/out cannot be created",
+                                                out="/proc/lr-test/out")),
+    _named("rundir-clean-out-below-a-file", _case("", [*CLEAN_NOPE, "--out", "afile/out"],
+                                                  "afile is not a directory", out="afile/out",
+                                                  setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-noise-out-under-proc", _case("", _out_file("noise", "/proc/lr-test.csv"),
+                                                "--out /proc/lr-test.csv cannot be written", out="/proc/lr-test.csv")),
+    _named("rundir-noise-out-below-a-file", _case("", _out_file("noise", "afile/n.csv"),
+                                                  "--out afile/n.csv", "afile is not a directory", out="afile/n.csv",
+                                                  setup=lambda w: _write(w / "afile", "precious"))),
+    _named("rundir-predict-out-under-proc", _case("", _out_file("predict", "/proc/lr-test.csv"),
+                                                  "--out /proc/lr-test.csv cannot be written",
+                                                  out="/proc/lr-test.csv")),
+    _named("rundir-predict-out-below-a-file", _case("", _out_file("predict", "afile/p.csv"),
+                                                    "--out afile/p.csv", "afile is not a directory", out="afile/p.csv",
+                                                    setup=lambda w: _write(w / "afile", "precious"))),
+    # an existing --out file is never replaced without --overwrite (a run's model.pt included)
+    _named("rundir-noise-out-exists", _case("", _out_file("noise", "out.csv"), "--out out.csv already exists",
+                                            "--overwrite", out="out.csv",
+                                            setup=lambda w: _write(w / "out.csv", "precious"))),
+    _named("rundir-predict-out-exists", _case("", _out_file("predict", "out/model.pt"),
+                                              "--out out/model.pt already exists", "--overwrite",
+                                              out="out/model.pt", setup=lambda w, runs: _copy_run(runs, w),
+                                              needs_runs=True)),
+    # a directory another run holds
+    _named("rundir-locked-by-another-run", _case("", ["run", *_sets(RUN_SETS), "--out", "out"],
+                                                 "output directory out is in use by another labelrefine run",
+                                                 "(PID 4242)", setup=_locked_by_another_run)),
+    _named("rundir-clean-locked-by-another-run", _case("", [*CLEAN_NOPE, "--out", "out"],
+                                                       "out is in use by another labelrefine run (PID 4242)",
+                                                       setup=_locked_by_another_run)),
+    # --resume: a damaged config.yaml or metrics.jsonl is refused before any training
+    _named("rundir-resume-config-not-utf8", _case("", RESUME, "--resume: out/config.yaml: line 2 is not UTF-8",
+                                                  setup=_resume_dir(config=b"seed: 0\nmethod: \xff\n"),
+                                                  needs_runs=True)),
+    _named("rundir-resume-no-ckpt-config-not-utf8", _case(
+        "", RESUME, "--resume: out/config.yaml: line 1 is not UTF-8",
+        setup=_resume_dir(config=b"\xfe\xff", checkpoint=False), needs_runs=True)),
+    _named("rundir-resume-no-ckpt-config-edited", _case(
+        "", RESUME, "--resume: out/config.yaml differs from this config (line 1)",
+        setup=_resume_dir(config=b"# edited\n", checkpoint=False), needs_runs=True)),
+    _named("rundir-resume-config-is-a-directory", _case(
+        "", RESUME, "--resume: out/config.yaml is not a regular file", setup=_resume_dir(dirs=("config.yaml",)),
+        needs_runs=True)),
+    _named("rundir-resume-metrics-bad-json", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not valid JSON",
+        setup=_resume_dir(metrics=b'{"phase": "train", "global_epoch": 1\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-not-utf8", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not UTF-8",
+        setup=_resume_dir(metrics=b'{"phase": "\xff"}\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-wrong-record", _case(
+        "", RESUME, "--resume: out/metrics.jsonl: line 1 is not the record of epoch 1",
+        setup=_resume_dir(metrics=b'{"global_epoch": 7, "phase": "train"}\n'), needs_runs=True)),
+    _named("rundir-resume-metrics-too-short", _case(
+        "", RESUME, "--resume: out/metrics.jsonl has 0 complete line(s)", "records 1",
+        setup=_resume_dir(metrics=b'{"global_epoch": 1, "pha'), needs_runs=True)),
+    _named("rundir-resume-metrics-is-a-directory", _case(
+        "", RESUME, "--resume: out/metrics.jsonl is not a regular file", setup=_resume_dir(dirs=("metrics.jsonl",)),
+        needs_runs=True)),
+]
+
+CASES = (DATA_CASES + CONFIG_CASES + CLI_CASES + CHECKPOINT_CASES + STORE_CASES + CONFIG13_CASES + DATA13_CASES
+         + RUNDIR_CASES)
 
 
 def test_corpus_is_large_and_ids_unique():
@@ -704,6 +821,7 @@ def test_corpus_is_large_and_ids_unique():
     assert len({c.id for c in CASES}) == len(CASES)
     assert all(c.id for c in CASES)
     assert len(DATA_CASES) >= 8 and len(CONFIG_CASES) >= 8 and len(CLI_CASES) >= 5 and len(CHECKPOINT_CASES) >= 4
+    assert len(RUNDIR_CASES) >= 15
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,6 +846,13 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int] | None]:
     """Every path under ``root``: a file's bytes and mtime, ``None`` for a directory."""
     return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
             for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    yield
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -770,3 +895,74 @@ def test_resume_with_unchanged_data_passes_the_data_check(finished_runs: Path, t
     assert main(["-q", *RESUME_NPZ]) == 0
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_train"] == 54
+
+
+# --------------------------------------------------------------------------------------------
+# output failures that need more than a table row: a full disk, a read-only file system
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "checkpoint.pt", "labels.csv", "model.pt", "accuracy.png",
+                                  "report.html", "summary.json"])
+def test_disk_full_is_one_line_naming_the_file(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """The temporary file of ``name`` is /dev/full: every write to it fails with ENOSPC, as on a
+    full disk. One line naming the file, exit 2, no temporary file or lock left behind."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        if os.path.basename(path).startswith(f".{name}."):
+            os.close(fd)
+            os.unlink(path)
+            os.symlink("/dev/full", path)
+            fd = os.open(path, os.O_WRONLY)
+        return fd, path
+
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code = main(["-q", "run", *_sets(RUN_SETS), "--out", "out"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    # torch.save straight to a file reports a short write without errno: "disk full?" then
+    assert re.fullmatch(rf"labelrefine: error: (no space left on device|the write failed \(disk full\?\)) "
+                        rf"writing out/{re.escape(name)}", lines[0]), lines[0]
+    out = tmp_path / "out"  # removed again when the failed run had written nothing into it
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert out.exists() == (name != "config.yaml")
+    assert not [n for n in left if n.endswith(".tmp") or n == ".labelrefine.lock"], left
+    assert "summary.json" not in left  # never marked finished: --resume (or bench) redoes the end
+
+
+def _read_only_mount_works(d: Path) -> bool:
+    try:
+        res = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro,size=64k tmpfs {d}"],
+                             capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
+
+
+@pytest.mark.parametrize("cmd", ["run-new-dir", "run-existing-dir", "clean", "noise", "predict"])
+def test_read_only_file_system(cmd: str, tmp_path: Path):
+    """A read-only mount (a private tmpfs in a mount namespace): one line, exit 2, before any data
+    is loaded (the data and model named here do not exist)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _read_only_mount_works(ro):
+        pytest.skip("cannot mount a read-only tmpfs here (needs unshare -m and CAP_SYS_ADMIN)")
+    argv = {"run-new-dir": [*RUN_NOPE, "--out", f"{ro}/out"], "run-existing-dir": [*RUN_NOPE, "--out", f"{ro}/out"],
+            "clean": [*CLEAN_NOPE, "--out", f"{ro}/out"], "noise": _out_file("noise", f"{ro}/n.csv"),
+            "predict": _out_file("predict", f"{ro}/p.csv")}[cmd]
+    mount = (f"mount -t tmpfs -o size=64k tmpfs {ro} && mkdir {ro}/out && mount -o remount,ro {ro}"
+             if cmd == "run-existing-dir" else f"mount -t tmpfs -o ro,size=64k tmpfs {ro}")
+    script = f"{mount} && exec {shlex.quote(sys.executable)} -m labelrefine {shlex.join(argv)}"
+    env = {**os.environ, "LABELREFINE_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("labelrefine: error: ") and "read-only file system" in lines[0], lines[0]
+    assert str(ro) in lines[0]
+    assert not (tmp_path / "cache").exists()

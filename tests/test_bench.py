@@ -151,6 +151,29 @@ def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypa
     assert len(calls) == 3 and all(c["overwrite"] for c in calls)
 
 
+def test_run_stopped_before_its_report_is_resumed_not_cached(tmp_path, monkeypatch):
+    """summary.json, the completion marker, is a run's last write: a run stopped while writing
+    its report is unfinished, and the suite resumes it and makes the report."""
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    suite = suite_from_dict(tiny_suite(methods=["ce"]))
+    out = tmp_path / "suite"
+    first = plan(suite, out, seeds=1)[0]
+    from labelrefine import report
+    from labelrefine.run import run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(report, "write_report", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(first.cfg, first.out)
+    assert (first.out / "model.pt").is_file() and not (first.out / "summary.json").exists()
+    assert bench._status(first) == "resume"
+    run_suite(suite, out, seeds=1, command="x")
+    assert (first.out / "report.html").is_file() and bench._status(first) == "cached"
+
+
 @pytest.mark.parametrize("args,message", [
     (["bench", "no-such-suite", "--out", "o"], "unknown suite 'no-such-suite'"),
     (["bench", "cpu-cifar10", "--out", "o", "--methods", "ours,nope"], "--methods: 'nope' is not in suite"),

@@ -69,8 +69,34 @@ def test_resume_refuses_other_config(tiny_config, tmp_path):
 
 
 def test_resume_without_checkpoint(tiny_config, tmp_path):
+    # A directory that does not exist was never claimed by a run (a typo?): refused, not created.
     with pytest.raises(UserError, match="no run to resume"):
-        run(tiny_config("method=ce"), tmp_path / "empty", resume=True)
+        run(tiny_config("method=ce"), tmp_path / "missing", resume=True)
+    assert not (tmp_path / "missing").exists()
+    # One with files that are not a run's: refused.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="no run to resume"):
+        run(tiny_config("method=ce"), tmp_path / "other", resume=True)
+
+
+@pytest.mark.parametrize("left", ["nothing", "a stale lock", "temporary files"])
+def test_resume_of_a_claimed_directory_without_a_run_starts_fresh(left, tiny_config, tmp_path):
+    """What a run killed during its imports or data load leaves (the claimed directory, perhaps
+    its lock file): --resume starts from the first epoch and ends as an uninterrupted run."""
+    from labelrefine.rundir import LOCK_NAME
+
+    cfg = tiny_config("method=ce", "epochs=2")
+    run(cfg, tmp_path / "full")
+    out = tmp_path / "out"
+    out.mkdir()
+    if left == "a stale lock":
+        (out / LOCK_NAME).write_text("999999\n")
+    elif left == "temporary files":
+        (out / ".config.yaml.k1ll3d00.tmp").write_text("seed: ")
+    run(cfg, out, resume=True)
+    assert (out / "labels.csv").read_bytes() == (tmp_path / "full" / "labels.csv").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
 
 
 @pytest.mark.parametrize("damage, match", [

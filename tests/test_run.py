@@ -103,6 +103,24 @@ def test_refuses_existing_run_without_flag(tiny_config, tmp_path):
     run(cfg, tmp_path / "out", overwrite=True)
 
 
+def test_overwrite_leaves_nothing_of_the_old_run(tiny_config, tmp_path):
+    """--overwrite clears every file of ours (report PNGs and temporary files too) before the new
+    run writes: when the new run then fails, none of the old run's files stand beside it."""
+    from labelrefine.errors import TrainingDiverged
+    from labelrefine.rundir import RUN_FILES
+
+    out = tmp_path / "out"
+    run(tiny_config("method=ce", "epochs=1"), out)
+    old = sorted(p.name for p in out.iterdir())
+    assert set(old) <= set(RUN_FILES) and "accuracy.png" in old and "summary.json" in old
+    (out / ".model.pt.k1ll3d00.tmp").write_bytes(b"half a file")  # a kill mid-write
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(TrainingDiverged):
+        run(tiny_config("method=ce", "epochs=1", "optim.lr=1e30", "optim.nesterov=false"), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+    assert "1.0e+30" in (out / "config.yaml").read_text()
+
+
 def test_same_seed_same_run(tiny_config, tmp_path):
     cfg = tiny_config("method=ours", "refine.loss_target=prediction")
     a = run(cfg, tmp_path / "a")
