@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from . import distributed as ddp
-from .config import RunConfig, config_hash, config_to_dict, dump_yaml
+from .config import RunConfig, config_hash, config_to_dict, dump_yaml, validate
 from .data import DataSplits, ImageSet
 from .data.noise import NoiseResult, apply_noise, check_noise_type
 from .engine import Context, EpochSpec, backbone_kwargs, resolve_device, to_device
@@ -320,6 +320,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     writes. ``data`` gives the data set in memory instead of loading ``cfg.data.spec`` (the
     Python API; ``cfg.data.spec`` then only names it).
     """
+    validate(cfg)  # a RunConfig built in Python has not been through load_config's checks
     started_group = not ddp.enabled()
     ddp.init_from_env(resolve_device(cfg.device).type)
     started_group = started_group and ddp.enabled()

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed as ddp
 from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
+from .errors import UserError
 from .losses import nt_xent
 from .progress import progress
 from .store import LegacyFile, StoreError
@@ -107,7 +108,11 @@ def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
     if path is None or not ddp.is_main():
         return
     encoder = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    store_save(path, {"encoder": encoder, "info": info}, kind=ENCODER_FORMAT)
+    try:
+        store_save(path, {"encoder": encoder, "info": info}, kind=ENCODER_FORMAT)
+    except (OSError, UserError) as e:  # a cache that cannot be written (full disk) must not stop the run
+        log.warning("could not write the SSL cache (%s); continuing without it", e)
+        return
     log.info("SimCLR encoder cached at %s", path)
 
 

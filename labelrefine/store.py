@@ -149,8 +149,9 @@ class _HashingWriter:
 def save(path: str | os.PathLike, obj: Any, *, kind: str) -> None:
     """Write ``obj`` (tensors and plain containers only: :func:`check_plain`) to ``path`` atomically.
 
-    A failed write (a full disk) raises the ``OSError`` of the failing ``write``; ``path`` is
-    then untouched.
+    A failed write (a full disk) re-raises the ``OSError`` of the failing ``write`` (not torch's
+    opaque ``RuntimeError``), which :func:`labelrefine.io.atomic_path` turns into a one-line
+    :class:`~labelrefine.errors.UserError` naming ``path``; ``path`` is then untouched.
     """
     if not _KIND_RE.fullmatch(kind):
         raise ValueError(f"store: bad kind {kind!r}")
