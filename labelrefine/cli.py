@@ -191,7 +191,7 @@ SPEED = "speed"  # `labelrefine bench speed`: the speed measurements, not a suit
 
 
 def _bench_speed(args: argparse.Namespace, methods: list[str] | None, command: str) -> int:
-    from .speed import run_speed
+    from .bench.speed import run_speed
 
     for flag, given in (("--dry-run", args.dry_run), ("--seeds", args.seeds != 1), ("--overwrite", args.overwrite)):
         if given:

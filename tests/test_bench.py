@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-from labelrefine import bench
 from labelrefine.bench import REFERENCE, load_suite, plan, run_suite, suite_from_dict
+from labelrefine.bench import suites as bench
 from labelrefine.cli import main
 from labelrefine.data.sources import parse_spec
 from labelrefine.errors import UserError

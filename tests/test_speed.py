@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from labelrefine import engine
+from labelrefine.bench.speed import linear_fit, speed_config
 from labelrefine.cli import main
 from labelrefine.engine import Context, Supervised, to_device
 from labelrefine.errors import UserError
 from labelrefine.methods import list_methods
 from labelrefine.run import prepare_data
-from labelrefine.speed import linear_fit, speed_config
 from labelrefine.ssl import SimCLR
 
 THROUGHPUT = ["limit_supervised", "supervised_step", "limit_simclr", "simclr_step", "peer_simclr",

@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
-from .engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
-from .errors import UserError
-from .io import write_csv, write_text
+from ..config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
+from ..engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
+from ..errors import UserError
+from ..io import write_csv, write_text
 
 log = logging.getLogger("labelrefine")
 
@@ -106,7 +106,7 @@ class SpeedResult:
 
 def speed_config(user_overrides: list[str]) -> tuple[RunConfig, SpeedOptions]:
     """The profile's run config with ``--set`` applied, and the ``speed.*`` options."""
-    from .bench import load_suite
+    from .suites import load_suite
 
     cfg_items, speed_items = [], []
     for item in user_overrides:
@@ -224,7 +224,7 @@ def peak_rss_bytes(who: str = "self") -> int:
 def stage_schedules(cfg: RunConfig) -> list[tuple[str, int, int]]:
     """``(label, stages, epochs)`` of the first refinement iteration in this profile and of the
     papers' iterations (stages 2,3,4 of 4 epochs; then 2,5,7 of 7)."""
-    from .methods.ce import iteration_length, stages_of
+    from ..methods.ce import iteration_length, stages_of
 
     return [("profile", len(stages_of(cfg, 1)), iteration_length(cfg, 1)),
             ("papers_iteration1", 3, 4), ("papers_later", 3, 7)]
@@ -293,7 +293,7 @@ MAX_RESIDENT_BATCHES = 16  # distinct pre-made batches of a limit pass (cycled f
 
 def measure_supervised(cfg: RunConfig, ctx: Context, epochs: int) -> dict[str, float]:
     """Img/s of the model-only limit and of ``Supervised.train_epoch``, interleaved pass by pass."""
-    from .run import _seed_everything
+    from ..run import _seed_everything
 
     _seed_everything(cfg.seed)
     bs, n, device = cfg.optim.batch_size, ctx.n, ctx.device
@@ -341,7 +341,7 @@ def peer_transform(image_size: tuple[int, int], channels: int, mean, std, *, cro
     0.4, 0.1, p=0.8), RandomGrayscale(0.2), GaussianBlur(p=0.5), ToTensor, Normalize."""
     from torchvision import transforms as T
 
-    from .data.augment import blur_kernel_size
+    from ..data.augment import blur_kernel_size
 
     ops: list = [T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
     if flip:
@@ -384,8 +384,8 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
     """Img/s (each image once) of SimCLR.train_epoch, its model-only limit and the peer pipeline."""
     from torch.utils.data import DataLoader
 
-    from .run import _seed_everything
-    from .ssl import SimCLR
+    from ..run import _seed_everything
+    from ..ssl import SimCLR
 
     _seed_everything(cfg.seed)
     device = ctx.device
@@ -502,8 +502,8 @@ def _pick(specs: list[EpochSpec], plan: MethodPlan, epochs: int) -> list[int]:
 
 def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torch.device, epochs: int,
                 extra_overrides: tuple[str, ...] = ()) -> MethodTiming:
-    from .methods import get_method
-    from .run import _seed_everything
+    from ..methods import get_method
+    from ..run import _seed_everything
 
     plan = method_plan(name, epochs)
     mcfg = with_overrides(cfg, ["ssl.epochs=0", f"method={name}", *plan.overrides, *extra_overrides])
@@ -545,8 +545,8 @@ def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torc
 
 def measure_scaling(cfg: RunConfig, full, sizes: list[int], device: torch.device) -> list[tuple[int, float, int]]:
     """``(N, seconds, images trained)`` of one CE epoch on a stratified N-image subset, per size."""
-    from .methods import get_method
-    from .run import _seed_everything, stratified_sample
+    from ..methods import get_method
+    from ..run import _seed_everything, stratified_sample
 
     mcfg = with_overrides(cfg, ["ssl.epochs=0", "method=ce", "epochs=1", "data.noise=none"])
     out = []
@@ -572,9 +572,9 @@ def measure_scaling(cfg: RunConfig, full, sizes: list[int], device: torch.device
 def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, methods: list[str] | None = None,
               command: str = "labelrefine bench speed") -> SpeedResult:
     """Run every measurement, write ``OUT/speed.md`` and ``OUT/speed.csv``; return rows and markdown."""
-    from .data.sources import load_data
-    from .methods import list_methods
-    from .run import default_cache_dir, prepare_data
+    from ..data.sources import load_data
+    from ..methods import list_methods
+    from ..run import default_cache_dir, prepare_data
 
     t_start = time.perf_counter()
     cfg, opts = speed_config(list(user_overrides or []))
@@ -837,7 +837,7 @@ def _fmt(v: float, unit: str) -> str:
 
 def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device: torch.device, data_name: str,
                     n_train: int, command: str, timings: dict[str, MethodTiming]) -> str:
-    from .run import code_version
+    from ..run import code_version
 
     by = {(r.section, r.name): r for r in rows}
 

@@ -1,6 +1,6 @@
 """Benchmark suites: methods × noise settings × seeds, each an ordinary run, one results table.
 
-A suite is a YAML file (the built-in ones live in ``labelrefine/suites/``; ``labelrefine bench
+A suite is a YAML file (the built-in ones live in ``labelrefine/bench/suites/``; ``labelrefine bench
 --list`` shows them, and any path to a suite file works too)::
 
     name: cpu-cifar10
@@ -41,10 +41,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
-from .errors import UserError, short_repr
-from .io import write_text
-from .rundir import FINISHED_MARKER
+from ..config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
+from ..errors import UserError, short_repr
+from ..io import write_text
+from ..rundir import FINISHED_MARKER
 
 log = logging.getLogger("labelrefine")
 
@@ -100,7 +100,7 @@ class PlannedRun:
 
 def builtin_suites() -> dict[str, Path]:
     """Name → path of the suite files shipped with the package."""
-    root = resources.files("labelrefine") / "suites"
+    root = resources.files("labelrefine.bench") / "suites"
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
 
@@ -119,7 +119,7 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
-    from .methods import list_methods
+    from ..methods import list_methods
 
     def bad(msg: str) -> UserError:
         return UserError(f"suite {source}: {msg}")
@@ -258,7 +258,7 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
               user_overrides: list[str] | None = None, overwrite: bool = False, dry_run: bool = False,
               command: str | None = None) -> list[dict]:
     """Run (or reuse) every planned run and write the results files; returns the result rows."""
-    from .run import TrainingDiverged, run
+    from ..run import TrainingDiverged, run
 
     out = Path(out)
     runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
@@ -526,7 +526,7 @@ def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from ..io import atomic_path
 
     settings = [s.name for s in suite.settings]
     methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
