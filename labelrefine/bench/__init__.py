@@ -15,8 +15,11 @@ from .suites import (
     Suite,
     builtin_suites,
     collect,
+    dry_run,
+    equivalent_command,
     load_suite,
     plan,
+    registered_phases,
     results_markdown,
     run_config,
     run_suite,
@@ -26,5 +29,5 @@ from .suites import (
 )
 
 __all__ = ["COLUMNS", "PHASES", "REFERENCE", "REFERENCE_SETTING", "PlannedRun", "Setting", "Suite", "builtin_suites",
-           "collect", "load_suite", "plan", "results_markdown", "run_config", "run_suite", "suite_from_dict",
-           "write_chart", "write_results"]
+           "collect", "dry_run", "equivalent_command", "load_suite", "plan", "registered_phases", "results_markdown",
+           "run_config", "run_suite", "suite_from_dict", "write_chart", "write_results"]

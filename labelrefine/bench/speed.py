@@ -143,28 +143,42 @@ class MethodPlan:
 
 
 def method_plan(name: str, epochs: int) -> MethodPlan:
-    """The measurement plan of a registered method (``epochs`` = timed epochs)."""
+    """The measurement plan of a registered method (``epochs`` = timed epochs).
+
+    The timed phase is the last one the method declares (``Method.phases``), ``ours``' its
+    ``refine``; a method without an entry below is timed on its schedule's most frequent
+    supervised phase.
+    """
+    from ..methods import get_method
+
+    phases = get_method(name).phases
+    main = phases[-1] if phases else ""
     total = f"epochs={1 + epochs}"
     plain = f"epoch 1 untimed, then {epochs} timed"
     plans = {
-        "ce": MethodPlan((total,), "train", f"`train`: {plain}"),
-        "ce_ssl": MethodPlan((total,), "train", f"`train` (SimCLR skipped): {plain}"),
-        "coteaching": MethodPlan((total,), "train", f"`train` (both nets): {plain}"),
-        "jocor": MethodPlan((total,), "train", f"`train` (both nets): {plain}"),
-        "mentornet": MethodPlan((total,), "train", f"`train`: epoch 1 (CE burn-in) untimed, then {epochs} "
+        "ce": MethodPlan((total,), main, f"`{main}`: {plain}"),
+        "ce_ssl": MethodPlan((total,), main, f"`{main}` (SimCLR skipped): {plain}"),
+        "coteaching": MethodPlan((total,), main, f"`{main}` (both nets): {plain}"),
+        "jocor": MethodPlan((total,), main, f"`{main}` (both nets): {plain}"),
+        "mentornet": MethodPlan((total,), main, f"`{main}`: epoch 1 (CE burn-in) untimed, then {epochs} "
                                 "MentorNet-PD epochs"),
-        "ours": MethodPlan(("refine.warmup_epochs=1", "refine.iterations=2"), "refine",
-                           "`refine`: 1 CE warmup epoch untimed, then every epoch of iteration 1 (its stage "
-                           "evaluations and the consensus included)", iteration=1),
-        "dividemix": MethodPlan(("dividemix.warmup_epochs=1", "dividemix.init=random", total), "train",
-                                f"`train` (co-divide GMM + MixMatch, both nets): 1 CE warmup epoch untimed, then "
+        "dividemix": MethodPlan(("dividemix.warmup_epochs=1", "dividemix.init=random", total), main,
+                                f"`{main}` (co-divide GMM + MixMatch, both nets): 1 CE warmup epoch untimed, then "
                                 f"{epochs} timed"),
         "ours_dividemix": MethodPlan(("refine.warmup_epochs=0", "refine.iterations=0", "dividemix.warmup_epochs=1",
-                                      "dividemix.init=random", total), "dm_train",
-                                     f"`dm_train` (refinement skipped): 1 `dm_warmup` epoch untimed, then {epochs} "
-                                     f"timed"),
+                                      "dividemix.init=random", total), main,
+                                     f"`{main}` (refinement skipped): 1 `{phases[-2] if len(phases) > 1 else ''}` "
+                                     f"epoch untimed, then {epochs} timed"),
     }
-    return plans.get(name, MethodPlan((total,), None, f"main phase: {plain}"))
+    if name == "ours":  # the refinement iterations, not the (short) fine-tune that ends the schedule
+        plans[name] = MethodPlan(("refine.warmup_epochs=1", "refine.iterations=2"), "refine",
+                                 "`refine`: 1 CE warmup epoch untimed, then every epoch of iteration 1 (its stage "
+                                 "evaluations and the consensus included)", iteration=1)
+    plan = plans.get(name, MethodPlan((total,), None, f"main phase: {plain}"))
+    if plan.phase is not None and plan.phase not in phases:
+        raise RuntimeError(f"bench speed: the plan of {name} times phase {plan.phase!r}, which {name} does not "
+                           f"declare ({', '.join(phases) or 'no phases'})")
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
-from ..errors import UserError, short_repr
+from ..errors import TrainingDiverged, UserError, short_repr
 from ..io import write_text
 from ..rundir import FINISHED_MARKER
 
@@ -52,8 +51,19 @@ REFERENCE = "ce_clean"  # the method column name of the clean-label CE reference
 REFERENCE_SETTING = "clean"
 SUITE_KEYS = {"name", "title", "description", "budget_minutes", "methods", "reference", "settings",
               "method_overrides", "config", "profile_notes"}
+
+
+def registered_phases() -> tuple[str, ...]:
+    """Every phase name a registered method declares (``Method.phases``), once each: ``ours``'
+    phases first, in its order, then the other methods' new ones in registry order."""
+    from ..methods import list_methods
+
+    methods = sorted(list_methods(), key=lambda m: m.name != "ours")  # stable: registry order otherwise
+    return tuple(dict.fromkeys(p for m in methods for p in m.phases))
+
+
 # Order of the per-phase wall-time columns (phases a method does not have stay empty).
-PHASES = ("ssl", "warmup", "refine", "finetune", "train", "dm_warmup", "dm_train")
+PHASES = registered_phases()
 
 
 @dataclass
@@ -254,13 +264,9 @@ def _status(r: PlannedRun) -> str:
     return "new"
 
 
-def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
-              user_overrides: list[str] | None = None, overwrite: bool = False, dry_run: bool = False,
-              command: str | None = None) -> list[dict]:
-    """Run (or reuse) every planned run and write the results files; returns the result rows."""
-    from ..run import TrainingDiverged, run
-
-    out = Path(out)
+def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,
+                user_overrides: list[str] | None, overwrite: bool) -> tuple[list[PlannedRun], list[str]]:
+    """The planned runs and their statuses; an error if one is stale and not ``overwrite``."""
     runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
     statuses = [_status(r) for r in runs]
     stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
@@ -269,11 +275,52 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
                         f"({len(stale)} such run(s)) or choose another --out")
     todo = sum(s != "cached" for s in statuses)
     log.info("suite %s: %d runs (%d cached, %d to run) -> %s", suite.name, len(runs), len(runs) - todo, todo, out)
-    if dry_run:
-        for r, s in zip(runs, statuses, strict=True):
-            print(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}")
-        return []
-    command = command or "labelrefine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    return runs, statuses
+
+
+def dry_run(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+            user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+    """What :func:`run_suite` would do, one line per planned run (status, label, config hash,
+    directory); nothing is run or written."""
+    runs, statuses = _check_plan(suite, Path(out), seeds=seeds, methods=methods, user_overrides=user_overrides,
+                                 overwrite=overwrite)
+    return "\n".join(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}"
+                     for r, s in zip(runs, statuses, strict=True))
+
+
+def equivalent_command(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+                       user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+    """The ``labelrefine bench`` command line of a :func:`run_suite` call (for ``results.md``
+    when the caller gives none)."""
+    builtin = builtin_suites().get(suite.name)
+    is_file = bool(suite.source) and Path(suite.source).is_file()
+    name = suite.source if is_file and (builtin is None or str(builtin) != suite.source) else suite.name
+    parts = [name, "--out", str(out)]
+    if seeds != 1:
+        parts += ["--seeds", str(seeds)]
+    if methods:
+        parts += ["--methods", ",".join(methods)]
+    for item in user_overrides or []:
+        parts += ["--set", item]
+    if overwrite:
+        parts.append("--overwrite")
+    return "labelrefine bench " + " ".join(shlex.quote(p) for p in parts)
+
+
+def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+              user_overrides: list[str] | None = None, overwrite: bool = False,
+              command: str | None = None) -> list[dict]:
+    """Run (or reuse) every planned run and write the results files; returns the result rows.
+
+    ``command`` is the command line ``results.md`` shows (default: :func:`equivalent_command`).
+    """
+    from ..run import run
+
+    out = Path(out)
+    runs, statuses = _check_plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides,
+                                 overwrite=overwrite)
+    command = command or equivalent_command(suite, out, seeds=seeds, methods=methods,
+                                            user_overrides=user_overrides, overwrite=overwrite)
     failures: dict[int, str] = {}
     t0 = time.perf_counter()
     for k, (r, s) in enumerate(zip(runs, statuses, strict=True)):
@@ -550,8 +597,3 @@ def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def read_results_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
