@@ -457,6 +457,19 @@ def _dates(rows: list[dict]) -> str:
 def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> str:
     settings = [s.name for s in suite.settings]
     methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
+    lines = _md_head(suite, rows, command=command, seeds=seeds)
+    lines += _accuracy_table(rows, settings, methods, "final_test_acc", "r_final",
+                             "Test accuracy (%), final epoch — R = accuracy ÷ clean-label CE accuracy; bold = best")
+    lines += _accuracy_table(rows, settings, methods, "best_val_test_acc", "r_best_val",
+                             "Test accuracy (%) of the epoch with the best noisy-validation accuracy")
+    lines += _md_where_ours_stands(rows, settings, methods)
+    lines += _md_label_accuracy(rows, settings, methods)
+    lines += _md_wall_time(rows, settings, methods)
+    return "\n".join(lines)
+
+
+def _md_head(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> list[str]:
+    """Title, description, how the table was made, the profile notes and what is not finished."""
     finished = [r for r in rows if r["status"] == "ok"]
     versions = sorted({r["code_version"] for r in finished})
     total = sum(float(r["seconds_data"] or 0) + float(r["seconds_total"] or 0) for r in finished)
@@ -481,80 +494,93 @@ def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int
         lines += [f"**Incomplete:** {len(pending)} run(s) not finished: "
                   + ", ".join(f"{r['setting']} / {r['method']} / seed {r['seed']} ({r['status']})" for r in pending[:8])
                   + (" …" if len(pending) > 8 else ""), ""]
-    clean = _cells(rows, "final_test_acc").get(("clean labels", REFERENCE))
-    clean_best = _cells(rows, "best_val_test_acc").get(("clean labels", REFERENCE))
+    return lines
+
+
+def _accuracy_table(rows: list[dict], settings: list[str], methods: list[str], key: str, rkey: str,
+                    title: str) -> list[str]:
+    """Mean ± std of ``key`` (and R, ``rkey``) per method and setting, the clean reference first;
+    the best method of a setting in bold."""
+    ref = _cells(rows, key).get(("clean labels", REFERENCE))
     rates = _cells(rows, "achieved_rate")
-
-    def table(key: str, rkey: str, ref: tuple | None, title: str) -> list[str]:
-        cells, rcells = _cells(rows, key), _cells(rows, rkey)
-        head = []
+    cells, rcells = _cells(rows, key), _cells(rows, rkey)
+    head = []
+    for s in settings:
+        rate = next((v for (ss, _), v in rates.items() if ss == s), None)
+        head.append(f"{s}" + (f" ({100 * rate[0]:.1f}% noisy)" if rate else ""))
+    out = [f"## {title}", "", "| Method | " + " | ".join(head) + " |", "|---|" + "---|" * len(settings)]
+    if ref is not None:
+        out.append("| CE on clean labels (reference) | " + " | ".join(
+            [f"{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}"] * len(settings)) + " |")
+    best = {s: max((cells[(s, m)][0] for m in methods if (s, m) in cells), default=None) for s in settings}
+    for m in methods:
+        row = [f"`{m}`"]
         for s in settings:
-            rate = next((v for (ss, _), v in rates.items() if ss == s), None)
-            head.append(f"{s}" + (f" ({100 * rate[0]:.1f}% noisy)" if rate else ""))
-        out = [f"## {title}", "", "| Method | " + " | ".join(head) + " |", "|---|" + "---|" * len(settings)]
-        if ref is not None:
-            out.append("| CE on clean labels (reference) | " + " | ".join(
-                [f"{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}"] * len(settings)) + " |")
-        best = {s: max((cells[(s, m)][0] for m in methods if (s, m) in cells), default=None) for s in settings}
-        for m in methods:
-            row = [f"`{m}`"]
-            for s in settings:
-                c = cells.get((s, m))
-                if c is None:
-                    row.append("—")
-                    continue
-                txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
-                if (s, m) in rcells:
-                    txt += f" (R {rcells[(s, m)][0]:.2f})"
-                if best[s] is not None and c[0] == best[s]:
-                    txt = f"**{txt}**"
-                row.append(txt)
-            out.append("| " + " | ".join(row) + " |")
-        return [*out, ""]
-
-    lines += table("final_test_acc", "r_final", clean,
-                   "Test accuracy (%), final epoch — R = accuracy ÷ clean-label CE accuracy; bold = best")
-    lines += table("best_val_test_acc", "r_best_val", clean_best,
-                   "Test accuracy (%) of the epoch with the best noisy-validation accuracy")
-
-    cells = _cells(rows, "final_test_acc")
-    if "ours" in methods:
-        lines += ["## Where `ours` stands (final-epoch test accuracy)", ""]
-        for s in settings:
-            if (s, "ours") not in cells:
+            c = cells.get((s, m))
+            if c is None:
+                row.append("—")
                 continue
-            mine = cells[(s, "ours")][0]
-            better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
-                             and cells[(s, m)][0] > mine), reverse=True)
-            if better:
-                lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
-                    f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
-            else:
-                lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
-        lines.append("")
+            txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
+            if (s, m) in rcells:
+                txt += f" (R {rcells[(s, m)][0]:.2f})"
+            if best[s] is not None and c[0] == best[s]:
+                txt = f"**{txt}**"
+            row.append(txt)
+        out.append("| " + " | ".join(row) + " |")
+    return [*out, ""]
 
+
+def _md_where_ours_stands(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Per setting: the methods that beat ``ours`` (final-epoch test accuracy), or that none does."""
+    if "ours" not in methods:
+        return []
+    cells = _cells(rows, "final_test_acc")
+    lines = ["## Where `ours` stands (final-epoch test accuracy)", ""]
+    for s in settings:
+        if (s, "ours") not in cells:
+            continue
+        mine = cells[(s, "ours")][0]
+        better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
+                         and cells[(s, m)][0] > mine), reverse=True)
+        if better:
+            lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
+                f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
+        else:
+            lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
+    lines.append("")
+    return lines
+
+
+def _md_label_accuracy(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Training-label accuracy before → after, for the methods whose final labels differ from the given ones."""
     before, after = _cells(rows, "train_label_acc_before"), _cells(rows, "train_label_acc_after")
     relabel = [m for m in methods if any(after.get((s, m), (None,))[0] != before.get((s, m), (None,))[0]
                                          for s in settings if (s, m) in after)]
-    if relabel:
-        lines += ["## Training-label accuracy (%): the given labels → the method's final labels", "",
-                  "`ours`: its refined training labels; `ours_dividemix` and the baselines: the final model's "
-                  "predictions on the training images. Against the clean labels.", "",
-                  "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-        for m in relabel:
-            cellsx = []
-            for s in settings:
-                b, a = before.get((s, m)), after.get((s, m))
-                cellsx.append("—" if a is None else f"{100 * b[0]:.2f} → {100 * a[0]:.2f}")
-            lines.append(f"| `{m}` | " + " | ".join(cellsx) + " |")
-        lines.append("")
+    if not relabel:
+        return []
+    lines = ["## Training-label accuracy (%): the given labels → the method's final labels", "",
+             "`ours`: its refined training labels; `ours_dividemix` and the baselines: the final model's "
+             "predictions on the training images. Against the clean labels.", "",
+             "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in relabel:
+        cellsx = []
+        for s in settings:
+            b, a = before.get((s, m)), after.get((s, m))
+            cellsx.append("—" if a is None else f"{100 * b[0]:.2f} → {100 * a[0]:.2f}")
+        lines.append(f"| `{m}` | " + " | ".join(cellsx) + " |")
+    lines.append("")
+    return lines
 
+
+def _md_wall_time(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Mean wall time (data + training) of a run per method and setting."""
     wall: dict[tuple[str, str], list[float]] = {}
-    for r in finished:
-        wall.setdefault((r["setting"], r["method"]), []).append(float(r["seconds_data"] or 0) +
-                                                                float(r["seconds_total"] or 0))
-    lines += ["## Wall time per run (minutes, data + training)", "",
-              "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for r in rows:
+        if r["status"] == "ok":
+            wall.setdefault((r["setting"], r["method"]), []).append(float(r["seconds_data"] or 0) +
+                                                                    float(r["seconds_total"] or 0))
+    lines = ["## Wall time per run (minutes, data + training)", "",
+             "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     if ("clean labels", REFERENCE) in wall:
         v = wall[("clean labels", REFERENCE)]
         lines.append("| CE on clean labels (reference) | " + " | ".join([f"{sum(v) / len(v) / 60:.1f}"] * len(settings))
@@ -564,7 +590,7 @@ def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int
             "—" if (s, m) not in wall else f"{sum(wall[(s, m)]) / len(wall[(s, m)]) / 60:.1f}" for s in settings)
             + " |")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
