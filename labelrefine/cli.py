@@ -161,7 +161,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from .bench import builtin_suites, load_suite, run_suite
+    from .bench import builtin_suites, dry_run, load_suite, run_suite
 
     if args.list:
         for name, path in sorted(builtin_suites().items()):
@@ -180,10 +180,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == SPEED:
         return _bench_speed(args, methods, command)
     suite = load_suite(args.suite)
+    if args.dry_run:
+        print(dry_run(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
+                      overwrite=args.overwrite))
+        return 0
     run_suite(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
-              overwrite=args.overwrite, dry_run=args.dry_run, command=command)
-    if not args.dry_run:
-        print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
+              overwrite=args.overwrite, command=command)
+    print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
     return 0
 
 
@@ -191,7 +194,7 @@ SPEED = "speed"  # `labelrefine bench speed`: the speed measurements, not a suit
 
 
 def _bench_speed(args: argparse.Namespace, methods: list[str] | None, command: str) -> int:
-    from .speed import run_speed
+    from .bench.speed import run_speed
 
     for flag, given in (("--dry-run", args.dry_run), ("--seeds", args.seeds != 1), ("--overwrite", args.overwrite)):
         if given:

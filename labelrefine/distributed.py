@@ -148,11 +148,3 @@ def average_buffers(module: nn.Module) -> None:
         return
     for b, mean in zip(bufs, _mean_over_ranks(bufs), strict=True):
         b.copy_(mean.view_as(b))
-
-
-def broadcast_module(module: nn.Module) -> None:
-    """Make every rank's parameters and buffers equal to rank 0's."""
-    if not enabled():
-        return
-    for t in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(t.data, src=0)

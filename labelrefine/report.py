@@ -9,6 +9,7 @@ references; every text from the data (class names, sample ids) is HTML-escaped.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -20,8 +21,23 @@ import torch
 
 from .io import write_bytes, write_text
 
-PHASE_COLORS = {"ssl": "#eeeeee", "warmup": "#fff3d6", "refine": "#e3f0ff", "finetune": "#e6f7e6",
-                "train": "#ffffff"}
+# Background shades of the training-curve phases: these keep their colours; every other phase a
+# registered method declares (Method.phases) gets the next of PHASE_PALETTE, in registry order.
+FIXED_PHASE_COLORS = {"ssl": "#eeeeee", "warmup": "#fff3d6", "refine": "#e3f0ff", "finetune": "#e6f7e6",
+                      "train": "#ffffff"}
+PHASE_PALETTE = ("#f3e6ff", "#ffe6ea", "#e0f7f4", "#f5f0d8", "#ffe9dc", "#e8ecf4", "#eaf5dc", "#f7e1f2")
+
+
+@functools.cache
+def phase_colors() -> dict[str, str]:
+    """Phase name -> background colour, for every phase of every registered method."""
+    from .methods import list_methods
+
+    colors = dict(FIXED_PHASE_COLORS)
+    others = [p for p in dict.fromkeys(p for m in list_methods() for p in m.phases) if p not in colors]
+    for k, phase in enumerate(others):
+        colors[phase] = PHASE_PALETTE[k % len(PHASE_PALETTE)]
+    return colors
 
 
 def _read_metrics(out: Path) -> list[dict]:
@@ -45,7 +61,7 @@ def _shade_phases(ax, records: list[dict]) -> None:
         if start is None:
             start = r["global_epoch"] - 0.5
         if nxt != key:
-            ax.axvspan(start, r["global_epoch"] + 0.5, color=PHASE_COLORS.get(r["phase"], "#ffffff"), zorder=0)
+            ax.axvspan(start, r["global_epoch"] + 0.5, color=phase_colors().get(r["phase"], "#ffffff"), zorder=0)
             label = r["phase"] + (f" {r['iteration']}" if r["iteration"] else "")
             ax.text((start + r["global_epoch"] + 0.5) / 2, 1.0, label, transform=ax.get_xaxis_transform(),
                     ha="center", va="bottom", fontsize=7)

@@ -23,6 +23,7 @@ from . import distributed as ddp
 from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
 from .errors import UserError
 from .losses import nt_xent
+from .models import encoder_state, is_classifier_key
 from .progress import progress
 from .store import LegacyFile, StoreError
 from .store import load as store_load
@@ -92,7 +93,7 @@ def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
     # Check names, shapes and dtypes before copying anything: a partial copy would change the
     # model that is then pretrained again.
     encoder = state.get("encoder") if isinstance(state, dict) else None
-    target = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    target = encoder_state(model.state_dict())
     if not isinstance(encoder, dict) or set(encoder) != set(target) or any(
             not isinstance(encoder[k], torch.Tensor) or encoder[k].shape != v.shape or encoder[k].dtype != v.dtype
             for k, v in target.items()):
@@ -107,7 +108,7 @@ def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
     path = encoder_cache_path(ctx)
     if path is None or not ddp.is_main():
         return
-    encoder = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    encoder = {k: v.detach().cpu() for k, v in encoder_state(model.state_dict()).items()}
     try:
         store_save(path, {"encoder": encoder, "info": info}, kind=ENCODER_FORMAT)
     except (OSError, UserError) as e:  # a cache that cannot be written (full disk) must not stop the run
@@ -127,7 +128,7 @@ class SimCLR:
         s = ctx.cfg.ssl
         self.model = model
         self.head = ProjectionHead(model.feat_dim, s.proj_hidden, s.proj_dim).to(ctx.device)
-        params = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+        params = [p for n, p in model.named_parameters() if not is_classifier_key(n)]
         params += list(self.head.parameters())
         self.batch_size = min(s.batch_size, ctx.ssl_n)  # global batch (data parallel: split over ranks)
         self.base_lr = s.lr * self.batch_size / 256

@@ -146,3 +146,14 @@ def test_odd_batches_channels_last_two_threads_do_not_crash():
 
     proc = subprocess.run([sys.executable, "-c", _ODD_BATCH], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_encoder_state_is_every_entry_but_the_classifier():
+    from labelrefine.models import encoder_state, is_classifier_key
+
+    model = create_backbone("tiny", in_channels=1, num_classes=3)
+    state = model.state_dict()
+    enc = encoder_state(state)
+    assert list(enc) == [k for k in state if k not in ("fc.weight", "fc.bias")]
+    assert all(enc[k] is state[k] for k in enc)
+    assert is_classifier_key("fc.bias") and not is_classifier_key("fcx.weight") and not is_classifier_key("fc")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-from labelrefine import bench
 from labelrefine.bench import REFERENCE, load_suite, plan, run_suite, suite_from_dict
+from labelrefine.bench import suites as bench
 from labelrefine.cli import main
 from labelrefine.data.sources import parse_spec
 from labelrefine.errors import UserError
@@ -216,3 +216,29 @@ def test_bench_list_and_dry_run(capsys, tmp_path):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.split()[0] == "new" for line in lines)
     assert not (tmp_path / "o").exists()
+
+
+def test_phase_columns_come_from_the_method_registry():
+    declared = [p for m in list_methods() for p in m.phases]
+    assert sorted(bench.PHASES) == sorted(set(declared))
+    # results.csv keeps its column order for the phases it always had
+    known = ("ssl", "warmup", "refine", "finetune", "train", "dm_warmup", "dm_train")
+    assert [p for p in bench.PHASES if p in known] == list(known)
+    assert [c for c in bench.COLUMNS if c.startswith("seconds_")] == [
+        "seconds_data", *(f"seconds_{p}" for p in bench.PHASES), "seconds_total"]
+
+
+def test_dry_run_and_the_default_command_line(tmp_path, capsys):
+    from labelrefine.bench import dry_run, equivalent_command
+
+    suite = suite_from_dict(tiny_suite())
+    text = dry_run(suite, tmp_path / "o", methods=["ours"])
+    assert [line.split()[0] for line in text.splitlines()] == ["new"] * 3
+    assert capsys.readouterr().out == "" and not (tmp_path / "o").exists()
+    assert equivalent_command(suite, "o") == "labelrefine bench tiny --out o"
+    assert equivalent_command(load_suite("cpu-pneumonia"), "o d", seeds=3, methods=["ce", "ours"],
+                              user_overrides=["epochs=2"], overwrite=True) == (
+        "labelrefine bench cpu-pneumonia --out 'o d' --seeds 3 --methods ce,ours --set epochs=2 --overwrite")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(tiny_suite()))
+    assert equivalent_command(load_suite(str(path)), "o") == f"labelrefine bench {path} --out o"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from labelrefine.report import MATRIX_TABLE_MAX_CLASSES, write_report
+from labelrefine.report import FIXED_PHASE_COLORS, MATRIX_TABLE_MAX_CLASSES, phase_colors, write_report
 from labelrefine.run import run
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -203,3 +203,13 @@ def test_report_without_issues_gray_and_many_classes(tmp_path):
     im = _png(page.figures[0]["src"])
     assert im.size == (96, 96) and im.mode == "L"
     assert page.figures[0]["spans"]["conf"] == f"p(suggested): {1 / c:.3f}"
+
+
+def test_every_declared_phase_has_its_own_colour():
+    from labelrefine.methods import list_methods
+
+    colors = phase_colors()
+    declared = {p for m in list_methods() for p in m.phases}
+    assert declared <= set(colors)
+    assert all(colors[p] == c for p, c in FIXED_PHASE_COLORS.items())
+    assert len({colors[p] for p in declared}) == len(declared)

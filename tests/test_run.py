@@ -127,3 +127,25 @@ def test_same_seed_same_run(tiny_config, tmp_path):
     b = run(cfg, tmp_path / "b")
     assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
     assert a["final_test_acc"] == b["final_test_acc"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("extra", [[], ["ssl.epochs=0"], ["dividemix.init=ssl"]])
+def test_schedule_uses_only_the_phases_the_method_declares(name, extra, tiny_config):
+    """``Method.phases`` is what bench, report and bench speed read: every phase a schedule uses
+    must be declared there."""
+    import torch
+
+    from labelrefine.engine import Context
+    from labelrefine.run import default_cache_dir, prepare_data
+
+    cfg = tiny_config(f"method={name}", "device=cpu", *extra)
+    prep = prepare_data(cfg, default_cache_dir(cfg))
+    ctx = Context(cfg, prep.train.images, prep.train.labels, len(prep.classes), device=torch.device("cpu"),
+                  ssl_images=prep.ssl_images, cache_dir=default_cache_dir(cfg), noise_rate=cfg.data.noise_rate)
+    cls = METHODS[name]
+    used = [s.phase for s in cls(ctx).schedule()]
+    assert cls.phases and len(set(cls.phases)) == len(cls.phases)
+    assert set(used) <= set(cls.phases), (used, cls.phases)
+    # declared in schedule order
+    assert sorted(set(used), key=used.index) == [p for p in cls.phases if p in used]

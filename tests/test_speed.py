@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from labelrefine import engine
+from labelrefine.bench.speed import linear_fit, method_plan, speed_config
 from labelrefine.cli import main
 from labelrefine.engine import Context, Supervised, to_device
 from labelrefine.errors import UserError
 from labelrefine.methods import list_methods
 from labelrefine.run import prepare_data
-from labelrefine.speed import linear_fit, speed_config
 from labelrefine.ssl import SimCLR
 
 THROUGHPUT = ["limit_supervised", "supervised_step", "limit_simclr", "simclr_step", "peer_simclr",
@@ -235,3 +235,10 @@ def test_uint8_store_and_ssl_images_move_through_to_device(tiny_config, tmp_path
     assert (torch.uint8, tuple(ctx.x.shape)) in moved and (torch.int64, (ctx.n,)) in moved
     SimCLR(ctx, ctx.new_model())
     assert (torch.uint8, tuple(ctx.ssl_images.shape)) in moved
+
+
+def test_every_method_plan_times_a_phase_the_method_declares():
+    for m in list_methods():
+        plan = method_plan(m.name, 2)
+        assert plan.phase is None or plan.phase in m.phases, (m.name, plan)
+        assert f"`{plan.phase}`" in plan.what if plan.phase else True

@@ -187,6 +187,7 @@ class SmallLossMethod(Method):
     and checkpoints.
     """
 
+    phases = ("train",)  # the schedule below; coteaching, jocor and mentornet inherit it
     trainers: list[Supervised]
     nets: list[nn.Module]
 

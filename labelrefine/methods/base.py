@@ -21,12 +21,15 @@ class Method:
     from a checkpoint skips the entries already done), and evaluates the model through
     :meth:`predict_logits` after every supervised epoch. A method never sees clean labels.
 
-    Subclasses set ``name``, ``summary`` (one line) and ``paper`` (a citation).
+    Subclasses set ``name``, ``summary`` (one line), ``paper`` (a citation) and ``phases``: every
+    phase name their :meth:`schedule` can use, in schedule order (the bench's per-phase time
+    columns, the report's phase colours and ``bench speed`` read them).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    phases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -117,10 +120,6 @@ class SSLInit:
             save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"]})
             self.trainer = None  # free the projection head, its optimizer and the SSL image copy
         return logs
-
-    def encoder_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the pretrained weights (for re-initialising between iterations)."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict:
         return {"trainer": None if self.trainer is None else self.trainer.state_dict(), "cached": self.cached}

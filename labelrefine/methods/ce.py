@@ -32,6 +32,7 @@ class CE(Method):
     name = "ce"
     summary = "Plain cross-entropy on the noisy labels (the standard baseline)."
     paper = "-"
+    phases = ("train",)
     use_ssl = False
 
     def __init__(self, ctx: Context):
@@ -78,4 +79,5 @@ class CESSL(CE):
     name = "ce_ssl"
     summary = "SimCLR initialisation, then plain cross-entropy: isolates what the SSL alone buys."
     paper = "Chen et al., ICML 2020 (SimCLR) + CE"
+    phases = ("ssl", "train")
     use_ssl = True

@@ -40,6 +40,7 @@ from ..data.noise import check_noise_type
 from ..engine import Context, EpochSpec, Supervised
 from ..errors import UserError
 from ..losses import mixup, sharpen, soft_ce
+from ..models import encoder_state, is_classifier_key
 from ..progress import progress
 from . import register
 from .base import Method, SSLInit
@@ -209,13 +210,13 @@ def dividemix_specs(cfg, phases: tuple[str, str] = ("warmup", "train")) -> list[
 
 def encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every weight except the classifier ``fc`` (what SimCLR trains)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    return {k: v.detach().clone() for k, v in encoder_state(model.state_dict()).items()}
 
 
 def _load_init(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model``; it may leave out the classifier (an encoder) but nothing else."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("fc.") for k in missing):
+    if unexpected or any(not is_classifier_key(k) for k in missing):
         raise ValueError(f"initial weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
@@ -258,6 +259,7 @@ class DivideMix(Method):
     name = "dividemix"
     summary = "Two nets; GMM loss split of each net trains the other; MixMatch with co-refinement/co-guessing."
     paper = "Li, Socher, Hoi, ICLR 2020"
+    phases = ("ssl", "warmup", "train")  # as registered; ours_dividemix names its own two (phase_names)
 
     def __init__(self, ctx: Context, *, init_state: dict[str, torch.Tensor] | None = None,
                  labels: torch.Tensor | None = None, phases: tuple[str, str] = ("warmup", "train"),
@@ -272,7 +274,7 @@ class DivideMix(Method):
             if ssl and self.cfg.ssl.epochs == 0:
                 log.warning("dividemix.init=ssl but ssl.epochs=0: the nets start from random weights")
                 ssl = False
-        self.phases = phases
+        self.phase_names = phases
         self.labels = (self.given if labels is None else labels).to(ctx.device).clone()
         self.specs = dividemix_specs(self.cfg, phases)
         self.warmup_epochs = d.warmup_epochs
@@ -306,9 +308,9 @@ class DivideMix(Method):
     def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
         if spec.phase == "ssl" and self.ssl is not None:
             return self.ssl.run_epoch(spec)
-        if spec.phase == self.phases[0]:
+        if spec.phase == self.phase_names[0]:
             return self._warmup_epoch()
-        if spec.phase == self.phases[1]:
+        if spec.phase == self.phase_names[1]:
             return self._train_epoch()
         raise ValueError(f"unknown phase {spec.phase!r}")
 

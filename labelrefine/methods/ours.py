@@ -29,6 +29,7 @@ class Ours(Method):
     name = "ours"
     summary = "SimCLR + CE warmup + stage-consensus pseudo-label refinement + softmax-weighted CE fine-tune."
     paper = "Bala et al. 2024 (arXiv) and MIDL 2025"
+    phases = ("ssl", "warmup", "refine", "finetune")
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

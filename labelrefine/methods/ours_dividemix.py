@@ -38,6 +38,7 @@ class OursDivideMix(Method):
     name = "ours_dividemix"
     summary = "SimCLR + warmup + stage-consensus refinement, then DivideMix (SimCLR init) on the refined labels."
     paper = "Bala et al. 2024 (arXiv), 'Our Method (with DivideMix)'; Li et al., ICLR 2020"
+    phases = ("ssl", "warmup", "refine", "dm_warmup", "dm_train")
     PHASES = ("dm_warmup", "dm_train")
 
     def __init__(self, ctx: Context):

@@ -22,7 +22,8 @@ stride 2 + max-pool) would throw away 15/16 of a 32×32 image before the first b
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,13 @@ __all__ = [
     "BACKBONES",
     "Classifier",
     "create_backbone",
+    "encoder_state",
+    "is_classifier_key",
     "list_backbones",
     "register_backbone",
 ]
+
+_T = TypeVar("_T")
 
 
 class Classifier(nn.Module):
@@ -77,6 +82,18 @@ class Classifier(nn.Module):
             raise UserError(f"num_classes must be >= 1, got {num_classes}")
         old = self.fc
         self.fc = nn.Linear(self.feat_dim, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def is_classifier_key(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the classifier ``fc`` of a :class:`Classifier`."""
+    return name.startswith("fc.")
+
+
+def encoder_state(state: Mapping[str, _T]) -> dict[str, _T]:
+    """The encoder part of a :class:`Classifier`'s ``state_dict()``: every entry but the
+    classifier ``fc`` (what SimCLR trains and the SSL cache holds), in the same order; the
+    values are not copied."""
+    return {k: v for k, v in state.items() if not is_classifier_key(k)}
 
 
 def _init_weights(module: nn.Module) -> None:

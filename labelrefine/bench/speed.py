@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -52,10 +53,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
-from .engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
-from .errors import UserError
-from .io import write_csv, write_text
+from ..config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
+from ..engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
+from ..errors import UserError
+from ..io import write_csv, write_text
 
 log = logging.getLogger("labelrefine")
 
@@ -106,7 +107,7 @@ class SpeedResult:
 
 def speed_config(user_overrides: list[str]) -> tuple[RunConfig, SpeedOptions]:
     """The profile's run config with ``--set`` applied, and the ``speed.*`` options."""
-    from .bench import load_suite
+    from .suites import load_suite
 
     cfg_items, speed_items = [], []
     for item in user_overrides:
@@ -143,28 +144,42 @@ class MethodPlan:
 
 
 def method_plan(name: str, epochs: int) -> MethodPlan:
-    """The measurement plan of a registered method (``epochs`` = timed epochs)."""
+    """The measurement plan of a registered method (``epochs`` = timed epochs).
+
+    The timed phase is the last one the method declares (``Method.phases``), ``ours``' its
+    ``refine``; a method without an entry below is timed on its schedule's most frequent
+    supervised phase.
+    """
+    from ..methods import get_method
+
+    phases = get_method(name).phases
+    main = phases[-1] if phases else ""
     total = f"epochs={1 + epochs}"
     plain = f"epoch 1 untimed, then {epochs} timed"
     plans = {
-        "ce": MethodPlan((total,), "train", f"`train`: {plain}"),
-        "ce_ssl": MethodPlan((total,), "train", f"`train` (SimCLR skipped): {plain}"),
-        "coteaching": MethodPlan((total,), "train", f"`train` (both nets): {plain}"),
-        "jocor": MethodPlan((total,), "train", f"`train` (both nets): {plain}"),
-        "mentornet": MethodPlan((total,), "train", f"`train`: epoch 1 (CE burn-in) untimed, then {epochs} "
+        "ce": MethodPlan((total,), main, f"`{main}`: {plain}"),
+        "ce_ssl": MethodPlan((total,), main, f"`{main}` (SimCLR skipped): {plain}"),
+        "coteaching": MethodPlan((total,), main, f"`{main}` (both nets): {plain}"),
+        "jocor": MethodPlan((total,), main, f"`{main}` (both nets): {plain}"),
+        "mentornet": MethodPlan((total,), main, f"`{main}`: epoch 1 (CE burn-in) untimed, then {epochs} "
                                 "MentorNet-PD epochs"),
-        "ours": MethodPlan(("refine.warmup_epochs=1", "refine.iterations=2"), "refine",
-                           "`refine`: 1 CE warmup epoch untimed, then every epoch of iteration 1 (its stage "
-                           "evaluations and the consensus included)", iteration=1),
-        "dividemix": MethodPlan(("dividemix.warmup_epochs=1", "dividemix.init=random", total), "train",
-                                f"`train` (co-divide GMM + MixMatch, both nets): 1 CE warmup epoch untimed, then "
+        "dividemix": MethodPlan(("dividemix.warmup_epochs=1", "dividemix.init=random", total), main,
+                                f"`{main}` (co-divide GMM + MixMatch, both nets): 1 CE warmup epoch untimed, then "
                                 f"{epochs} timed"),
         "ours_dividemix": MethodPlan(("refine.warmup_epochs=0", "refine.iterations=0", "dividemix.warmup_epochs=1",
-                                      "dividemix.init=random", total), "dm_train",
-                                     f"`dm_train` (refinement skipped): 1 `dm_warmup` epoch untimed, then {epochs} "
-                                     f"timed"),
+                                      "dividemix.init=random", total), main,
+                                     f"`{main}` (refinement skipped): 1 `{phases[-2] if len(phases) > 1 else ''}` "
+                                     f"epoch untimed, then {epochs} timed"),
     }
-    return plans.get(name, MethodPlan((total,), None, f"main phase: {plain}"))
+    if name == "ours":  # the refinement iterations, not the (short) fine-tune that ends the schedule
+        plans[name] = MethodPlan(("refine.warmup_epochs=1", "refine.iterations=2"), "refine",
+                                 "`refine`: 1 CE warmup epoch untimed, then every epoch of iteration 1 (its stage "
+                                 "evaluations and the consensus included)", iteration=1)
+    plan = plans.get(name, MethodPlan((total,), None, f"main phase: {plain}"))
+    if plan.phase is not None and plan.phase not in phases:
+        raise RuntimeError(f"bench speed: the plan of {name} times phase {plan.phase!r}, which {name} does not "
+                           f"declare ({', '.join(phases) or 'no phases'})")
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def peak_rss_bytes(who: str = "self") -> int:
 def stage_schedules(cfg: RunConfig) -> list[tuple[str, int, int]]:
     """``(label, stages, epochs)`` of the first refinement iteration in this profile and of the
     papers' iterations (stages 2,3,4 of 4 epochs; then 2,5,7 of 7)."""
-    from .methods.ce import iteration_length, stages_of
+    from ..methods.ce import iteration_length, stages_of
 
     return [("profile", len(stages_of(cfg, 1)), iteration_length(cfg, 1)),
             ("papers_iteration1", 3, 4), ("papers_later", 3, 7)]
@@ -293,7 +308,7 @@ MAX_RESIDENT_BATCHES = 16  # distinct pre-made batches of a limit pass (cycled f
 
 def measure_supervised(cfg: RunConfig, ctx: Context, epochs: int) -> dict[str, float]:
     """Img/s of the model-only limit and of ``Supervised.train_epoch``, interleaved pass by pass."""
-    from .run import _seed_everything
+    from ..run import _seed_everything
 
     _seed_everything(cfg.seed)
     bs, n, device = cfg.optim.batch_size, ctx.n, ctx.device
@@ -341,7 +356,7 @@ def peer_transform(image_size: tuple[int, int], channels: int, mean, std, *, cro
     0.4, 0.1, p=0.8), RandomGrayscale(0.2), GaussianBlur(p=0.5), ToTensor, Normalize."""
     from torchvision import transforms as T
 
-    from .data.augment import blur_kernel_size
+    from ..data.augment import blur_kernel_size
 
     ops: list = [T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
     if flip:
@@ -382,16 +397,21 @@ def collate_views(batch) -> torch.Tensor:
 
 def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> dict[str, float]:
     """Img/s (each image once) of SimCLR.train_epoch, its model-only limit and the peer pipeline."""
-    from torch.utils.data import DataLoader
-
-    from .run import _seed_everything
-    from .ssl import SimCLR
+    from ..run import _seed_everything
+    from ..ssl import SimCLR
 
     _seed_everything(cfg.seed)
-    device = ctx.device
     sim = SimCLR(ctx, ctx.new_model())
-    b = sim.batch_size
-    index = ctx.batches(torch.arange(sim.images.shape[0], device=device), b, drop_last=True)
+    index = ctx.batches(torch.arange(sim.images.shape[0], device=ctx.device), sim.batch_size, drop_last=True)
+    result = _simclr_step_and_limit(ctx, sim, index, epochs)
+    result.update(_peer_pipeline(cfg, ctx, sim, index, epochs, workers))
+    return result
+
+
+def _simclr_step_and_limit(ctx: Context, sim, index: list[torch.Tensor], epochs: int) -> dict[str, Any]:
+    """(3): ``SimCLR.train_epoch`` interleaved with its model-only limit (``SimCLR.step`` on
+    pre-made views), the limit's op profile, then the augmentation of (3) alone."""
+    device, b = ctx.device, sim.batch_size
     resident = []
     for i in index[:MAX_RESIDENT_BATCHES]:
         x = sim.images[i]
@@ -418,8 +438,17 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
         return len(index) * b
 
     t_aug, k_aug = (d["aug"] for d in interleaved({"aug": aug_pass}, epochs, device))
+    return {"limit_img_s": k["limit"] / t["limit"], "step_img_s": k["step"] / t["step"], "aug_img_s": k_aug / t_aug,
+            "profile": profile, "batch": b, "steps_per_epoch": len(index), "images_per_epoch": k["step"] / epochs}
 
-    # The peer pipeline: same SimCLR object (model, head, optimizer), fed by a DataLoader.
+
+def _peer_pipeline(cfg: RunConfig, ctx: Context, sim, index: list[torch.Tensor], epochs: int,
+                   workers: int) -> dict[str, float]:
+    """(4): the same SimCLR object (model, head, optimizer) fed by a DataLoader of torchvision
+    transforms on PIL images, interleaved with that loader alone; the workers' CPU time."""
+    from torch.utils.data import DataLoader
+
+    device, b = ctx.device, sim.batch_size
     arr = ctx.ssl_images.cpu().permute(0, 2, 3, 1).numpy()
     arr = np.ascontiguousarray(arr[..., 0] if ctx.channels == 1 else arr)
     tf = peer_transform(ctx.image_size, ctx.channels, ctx.mean, ctx.std, crop_scale_min=cfg.ssl.crop_scale_min,
@@ -459,12 +488,9 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
     loader = None  # shuts the persistent workers down: their CPU time then counts in RUSAGE_CHILDREN
     gc.collect()
     worker_cpu = children_cpu_seconds() - children_cpu0
-    return {"limit_img_s": k["limit"] / t["limit"], "step_img_s": k["step"] / t["step"],
-            "peer_img_s": k_peer / t_peer, "aug_img_s": k_aug / t_aug, "loader_img_s": k_load / t_load,
+    return {"peer_img_s": k_peer / t_peer, "loader_img_s": k_load / t_load,
             "peer_wait_fraction": wait["seconds"] / t_peer,
-            "peer_worker_cpu_ms": 1000 * worker_cpu / produced if worker_cpu > 0 else float("nan"),
-            "profile": profile, "batch": b, "steps_per_epoch": len(index),
-            "images_per_epoch": k["step"] / epochs}
+            "peer_worker_cpu_ms": 1000 * worker_cpu / produced if worker_cpu > 0 else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +528,8 @@ def _pick(specs: list[EpochSpec], plan: MethodPlan, epochs: int) -> list[int]:
 
 def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torch.device, epochs: int,
                 extra_overrides: tuple[str, ...] = ()) -> MethodTiming:
-    from .methods import get_method
-    from .run import _seed_everything
+    from ..methods import get_method
+    from ..run import _seed_everything
 
     plan = method_plan(name, epochs)
     mcfg = with_overrides(cfg, ["ssl.epochs=0", f"method={name}", *plan.overrides, *extra_overrides])
@@ -545,8 +571,8 @@ def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torc
 
 def measure_scaling(cfg: RunConfig, full, sizes: list[int], device: torch.device) -> list[tuple[int, float, int]]:
     """``(N, seconds, images trained)`` of one CE epoch on a stratified N-image subset, per size."""
-    from .methods import get_method
-    from .run import _seed_everything, stratified_sample
+    from ..methods import get_method
+    from ..run import _seed_everything, stratified_sample
 
     mcfg = with_overrides(cfg, ["ssl.epochs=0", "method=ce", "epochs=1", "data.noise=none"])
     out = []
@@ -572,41 +598,17 @@ def measure_scaling(cfg: RunConfig, full, sizes: list[int], device: torch.device
 def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, methods: list[str] | None = None,
               command: str = "labelrefine bench speed") -> SpeedResult:
     """Run every measurement, write ``OUT/speed.md`` and ``OUT/speed.csv``; return rows and markdown."""
-    from .data.sources import load_data
-    from .methods import list_methods
-    from .run import default_cache_dir, prepare_data
-
     t_start = time.perf_counter()
     cfg, opts = speed_config(list(user_overrides or []))
-    registered = [m.name for m in list_methods()]
-    chosen = registered
-    if methods:
-        unknown = [m for m in methods if m not in registered]
-        if unknown:
-            raise UserError(f"--methods: unknown method {unknown[0]!r}; registered: {', '.join(registered)}")
-        chosen = [m for m in registered if m in methods or m == "ce"]
+    chosen = _chosen_methods(methods)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-
-    cache_dir = default_cache_dir(cfg)
-    data = load_data(cfg.data.spec, cache_dir=cache_dir)
-    full = data.train
-    if max(opts.sizes) > len(full):
-        raise UserError(f"config key 'speed.sizes': {max(opts.sizes)} images asked for, but data "
-                        f"{cfg.data.spec!r} has {len(full)} training images")
-    data_bytes = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
-    prep = prepare_data(cfg, cache_dir, data)
-    train, num_classes = prep.train, len(prep.classes)
-    if len(train) < 2 * cfg.optim.batch_size:
-        raise UserError(f"bench speed: {len(train)} training images is fewer than two batches of "
-                        f"{cfg.optim.batch_size}; use a larger data.train_subset or a smaller optim.batch_size")
-    log.info("bench speed: %s, %d training images, %s width %d, batch %d, %s, %d threads",
-             prep.name, len(train), cfg.model.backbone, cfg.model.width, cfg.optim.batch_size, device,
-             torch.get_num_threads())
+    data, prep, data_bytes = _load_profile_data(cfg, opts, device)
+    full, train, num_classes = data.train, prep.train, len(prep.classes)
 
     marks = [("data loaded", peak_rss_bytes())]
     ctx = _context(cfg, train.images, train.labels, num_classes, device)
@@ -619,22 +621,7 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     del ctx
     gc.collect()
 
-    timings: dict[str, MethodTiming] = {}
-    for name in chosen:
-        log.info("bench speed: (5) method cost: %s", name)
-        timings[name] = time_method(name, cfg, train, num_classes, device, opts.epochs)
-    stage_train = None
-    if "ours" in timings:
-        log.info("bench speed: (5) ours with refine.stage_loss=train")
-        stage_train = time_method("ours", cfg, train, num_classes, device, opts.epochs,
-                                  ("refine.stage_loss=train", "refine.iterations=1"))
-    # CE is the denominator of every ratio: time it again after the others and use both, so that a
-    # drift of the machine's speed during the bench shows (ce_repeat) and averages out.
-    first_ce = timings["ce"].per_epoch
-    again = time_method("ce", cfg, train, num_classes, device, opts.epochs)
-    timings["ce"].seconds += again.seconds
-    timings["ce"].samples += again.samples
-    ce_repeat = _ratio(again.per_epoch, first_ce)
+    timings, stage_train, ce_repeat = _time_methods(chosen, cfg, train, num_classes, device, opts.epochs)
     marks.append(("(5)+(6) every method", peak_rss_bytes()))
     log.info("bench speed: (7) scaling over %s images", opts.sizes)
     scaling = measure_scaling(cfg, full, opts.sizes, device)
@@ -644,11 +631,11 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     wall = time.perf_counter() - t_start
 
-    rows = _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_children, cuda_peak,
+    rows = _rows(cfg, opts, sup, ssl, timings, stage_train, scaling, rss, rss_children, cuda_peak,
                  data_bytes, full, wall, marks)
     rows.append(Row("run", "ce_repeat", ce_repeat, "x", "CE timed again after every other method, "
                     "against its first timing (1 = no drift); `ce` is the mean of both"))
-    md = render_markdown(rows, cfg, opts, device, prep.name, len(train), command, timings)
+    md = render_markdown(rows, cfg, opts, device, prep.name, len(train), command)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "speed.csv", CSV_HEADER, [r.csv() for r in rows])
     write_text(out / "speed.md", md)
@@ -658,12 +645,91 @@ def run_speed(out: str | Path, user_overrides: list[str] | None = None, *, metho
     return SpeedResult(rows, md)
 
 
+def _chosen_methods(methods: list[str] | None) -> list[str]:
+    """The registered methods to time (all by default), in registry order; CE always (the ratios' denominator)."""
+    from ..methods import list_methods
+
+    registered = [m.name for m in list_methods()]
+    if not methods:
+        return registered
+    unknown = [m for m in methods if m not in registered]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r}; registered: {', '.join(registered)}")
+    return [m for m in registered if m in methods or m == "ce"]
+
+
+def _load_profile_data(cfg: RunConfig, opts: SpeedOptions, device: torch.device):
+    """``(data, prepared data, bytes of every uint8 split)``, checked against ``speed.sizes`` and
+    the batch size."""
+    from ..data.sources import load_data
+    from ..run import default_cache_dir, prepare_data
+
+    cache_dir = default_cache_dir(cfg)
+    data = load_data(cfg.data.spec, cache_dir=cache_dir)
+    full = data.train
+    if max(opts.sizes) > len(full):
+        raise UserError(f"config key 'speed.sizes': {max(opts.sizes)} images asked for, but data "
+                        f"{cfg.data.spec!r} has {len(full)} training images")
+    data_bytes = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
+    prep = prepare_data(cfg, cache_dir, data)
+    train = prep.train
+    if len(train) < 2 * cfg.optim.batch_size:
+        raise UserError(f"bench speed: {len(train)} training images is fewer than two batches of "
+                        f"{cfg.optim.batch_size}; use a larger data.train_subset or a smaller optim.batch_size")
+    log.info("bench speed: %s, %d training images, %s width %d, batch %d, %s, %d threads",
+             prep.name, len(train), cfg.model.backbone, cfg.model.width, cfg.optim.batch_size, device,
+             torch.get_num_threads())
+    return data, prep, data_bytes
+
+
+def _time_methods(chosen: list[str], cfg: RunConfig, train, num_classes: int, device: torch.device,
+                  epochs: int) -> tuple[dict[str, MethodTiming], MethodTiming | None, float]:
+    """(5) + (6): every chosen method's timing, ``ours`` again with ``refine.stage_loss=train``,
+    and CE's second timing over its first (``ce_repeat``; ``ce`` then holds both)."""
+    timings: dict[str, MethodTiming] = {}
+    for name in chosen:
+        log.info("bench speed: (5) method cost: %s", name)
+        timings[name] = time_method(name, cfg, train, num_classes, device, epochs)
+    stage_train = None
+    if "ours" in timings:
+        log.info("bench speed: (5) ours with refine.stage_loss=train")
+        stage_train = time_method("ours", cfg, train, num_classes, device, epochs,
+                                  ("refine.stage_loss=train", "refine.iterations=1"))
+    # CE is the denominator of every ratio: time it again after the others and use both, so that a
+    # drift of the machine's speed during the bench shows (ce_repeat) and averages out.
+    first_ce = timings["ce"].per_epoch
+    again = time_method("ce", cfg, train, num_classes, device, epochs)
+    timings["ce"].seconds += again.seconds
+    timings["ce"].samples += again.samples
+    return timings, stage_train, _ratio(again.per_epoch, first_ce)
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and math.isfinite(a) and math.isfinite(b) else float("nan")
 
 
-def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_children, cuda_peak, data_bytes,
+def _rows(cfg, opts, sup, ssl, timings, stage_train, scaling, rss, rss_children, cuda_peak, data_bytes,
           full, wall, marks=()) -> list[Row]:
+    """Every row of ``speed.csv`` but ``ce_repeat``, in the file's order."""
+    ce = timings["ce"].per_epoch
+    rows = _throughput_rows(cfg, opts, sup, ssl)
+    rows += _method_cost_rows(timings, stage_train, ce)
+    overhead_rows, overhead, overhead_train = _overhead_rows(timings, stage_train)
+    rows += overhead_rows
+    rows += _eval_cost_rows(cfg, sup)
+    scaling_rows, r2 = _scaling_rows(scaling)
+    rows += scaling_rows
+    store_max = max(opts.sizes) * int(np.prod(full.images.shape[1:]))
+    rows += _memory_rows(rss, rss_children, data_bytes, store_max, max(opts.sizes), marks, cuda_peak)
+    ours = timings["ours"].per_epoch if "ours" in timings else float("nan")
+    ours_train = stage_train.per_epoch if stage_train is not None else float("nan")
+    rows += _target_rows(sup, ssl, ce, ours, ours_train, overhead, overhead_train, r2, rss, data_bytes)
+    rows.append(Row("run", "wall_seconds", wall, "s", "the whole bench speed run"))
+    return rows
+
+
+def _throughput_rows(cfg: RunConfig, opts: SpeedOptions, sup: dict, ssl: dict) -> list[Row]:
+    """(1)-(4) and the pieces of (4), then the two op profiles."""
     bs = cfg.optim.batch_size
     rows = [
         Row("throughput", "limit_supervised", sup["limit_img_s"], "img/s",
@@ -698,7 +764,12 @@ def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_ch
                  "model-only limit: share of aten self time") for cat, share in ssl["profile"]]
     rows += [Row("profile_eval", cat, share, "fraction", "torch profiler, one stage evaluation pass "
                  "(Context.logits_all): share of aten self time") for cat, share in sup["eval_profile"]]
-    ce = timings["ce"].per_epoch
+    return rows
+
+
+def _method_cost_rows(timings: dict[str, MethodTiming], stage_train: MethodTiming | None, ce: float) -> list[Row]:
+    """(5): seconds per epoch of every method (and ours' extras), then each against CE."""
+    rows = []
     for name, t in timings.items():
         known = [s for s in t.samples if s is not None]
         img = f"{sum(known) / len(known):.0f} img/epoch; " if known else ""
@@ -718,7 +789,14 @@ def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_ch
         match = [r for r in rows if r.section == "method_cost" and r.name == key]
         if match:
             rows.append(Row("method_ratio", key, _ratio(match[0].value, ce), "x CE"))
+    return rows
 
+
+def _overhead_rows(timings: dict[str, MethodTiming],
+                   stage_train: MethodTiming | None) -> tuple[list[Row], float, float]:
+    """(6): ``ours``' stage evaluation + consensus within its iteration; the rows and the two
+    fractions (``refine.stage_loss=eval`` and ``=train``; NaN without ``ours``)."""
+    rows = []
     overhead = float("nan")
     if "ours" in timings:
         t = timings["ours"]
@@ -741,67 +819,82 @@ def _rows(cfg, opts, train, sup, ssl, timings, stage_train, scaling, rss, rss_ch
         overhead_train = _ratio(stage_train.overhead, sum(stage_train.seconds))
         rows += [Row("refine_overhead", "fraction_stage_loss_train", overhead_train, "fraction",
                      "the same with refine.stage_loss=train (losses of the epoch's own training pass)")]
-    # What a full-set evaluation pass per stage costs at the measured rates: an iteration of e
-    # epochs with s stages takes about e/T + s/E per image (T = supervised limit (1), E = eval pass).
+    return rows, overhead, overhead_train
+
+
+def _eval_cost_rows(cfg: RunConfig, sup: dict) -> list[Row]:
+    """What a full-set evaluation pass per stage costs at the measured rates: an iteration of e
+    epochs with s stages takes about e/T + s/E per image (T = supervised limit (1), E = eval pass)."""
+    rows = []
     for label, stages, epochs in stage_schedules(cfg):
         extra = stages * sup["limit_img_s"] / sup["eval_img_s"]
         rows += [Row("eval_cost", f"ours_vs_ce_{label}", 1 + extra / epochs, "x CE",
                      f"{stages} full evaluation passes in a {epochs}-epoch iteration: 1 + s·T/(e·E)"),
                  Row("eval_cost", f"refine_overhead_{label}", extra / (epochs + extra), "fraction",
                      f"{stages} full evaluation passes in a {epochs}-epoch iteration: s·T/E / (e + s·T/E)")]
+    return rows
 
+
+def _scaling_rows(scaling: list[tuple[int, float, int]]) -> tuple[list[Row], float]:
+    """(7): a CE epoch per size and the least-squares line; the rows and its R²."""
     ns, ts = [n for n, _, _ in scaling], [t for _, t, _ in scaling]
     a, b, r2 = linear_fit(ns, ts)
-    for n, t, k in scaling:
-        rows.append(Row("scaling", f"ce_epoch_{n}", t, "s", f"{k} images trained ({k / t:.0f} img/s)"))
+    rows = [Row("scaling", f"ce_epoch_{n}", t, "s", f"{k} images trained ({k / t:.0f} img/s)") for n, t, k in scaling]
     rows += [Row("scaling", "fit_intercept", a, "s"), Row("scaling", "fit_slope_per_1000", 1000 * b, "s"),
              Row("scaling", "fit_r2", r2, "R^2", "least squares t = a + b*N over the sizes")]
+    return rows, r2
 
-    store_max = max(opts.sizes) * int(np.prod(full.images.shape[1:]))
-    rows += [Row("memory", "peak_rss", rss / GIB, "GiB", "ru_maxrss of this process (whole run: torch, data, "
-                 "models, the peer pipeline's main side)"),
-             Row("memory", "peak_rss_children", rss_children / GIB, "GiB",
-                 "ru_maxrss of the largest child (a DataLoader worker; counts pages shared with the parent)"),
-             Row("memory", "data_uint8", data_bytes / GIB, "GiB", "every split of the data set as loaded (uint8)"),
-             Row("memory", "largest_train_store", store_max / GIB, "GiB",
-                 f"the {max(opts.sizes)}-image uint8 store of the scaling run")]
+
+def _memory_rows(rss: int, rss_children: int, data_bytes: int, store_max: int, max_size: int, marks,
+                 cuda_peak: int | None) -> list[Row]:
+    """(8): peak resident memory, the data's size, the high-water marks, CUDA's peak."""
+    rows = [Row("memory", "peak_rss", rss / GIB, "GiB", "ru_maxrss of this process (whole run: torch, data, "
+                "models, the peer pipeline's main side)"),
+            Row("memory", "peak_rss_children", rss_children / GIB, "GiB",
+                "ru_maxrss of the largest child (a DataLoader worker; counts pages shared with the parent)"),
+            Row("memory", "data_uint8", data_bytes / GIB, "GiB", "every split of the data set as loaded (uint8)"),
+            Row("memory", "largest_train_store", store_max / GIB, "GiB",
+                f"the {max_size}-image uint8 store of the scaling run")]
     rows += [Row("memory", f"peak_rss_after_{i}", value / GIB, "GiB", f"high-water mark after: {what}")
              for i, (what, value) in enumerate(marks)]
     if cuda_peak is not None:
         rows.append(Row("memory", "cuda_max_allocated", cuda_peak / GIB, "GiB", "torch.cuda.max_memory_allocated"))
+    return rows
 
-    def target(name: str, value: float, op: str, bound: float, shown: str, what: str) -> Row:
-        if not math.isfinite(value):
-            result = "n/a"
-        else:
-            result = "PASS" if (value >= bound if op == ">=" else value <= bound) else "FAIL"
-        return Row("target", name, value, "", note=what, target=f"{op} {shown}", result=result)
 
-    ours = timings["ours"].per_epoch if "ours" in timings else float("nan")
-    ours_train = stage_train.per_epoch if stage_train is not None else float("nan")
+def _target(name: str, value: float, op: str, bound: float, shown: str, what: str) -> Row:
+    """A target row: PASS or FAIL against ``op bound`` (n/a for NaN)."""
+    if not math.isfinite(value):
+        result = "n/a"
+    else:
+        result = "PASS" if (value >= bound if op == ">=" else value <= bound) else "FAIL"
+    return Row("target", name, value, "", note=what, target=f"{op} {shown}", result=result)
+
+
+def _target_rows(sup: dict, ssl: dict, ce: float, ours: float, ours_train: float, overhead: float,
+                 overhead_train: float, r2: float, rss: int, data_bytes: int) -> list[Row]:
+    """The issue's targets, PASS/FAIL (and one bound shown for information)."""
     limit_rss = data_bytes + 2 * GIB
-    rows += [
-        target("supervised_vs_limit", _ratio(sup["step_img_s"], sup["limit_img_s"]), ">=", 0.90, "0.90",
-               "(2) supervised step / (1) limit"),
-        target("simclr_vs_limit", _ratio(ssl["step_img_s"], ssl["limit_img_s"]), ">=", 0.85, "0.85",
-               "(3) SimCLR step / its model-only limit"),
-        target("simclr_vs_peer", _ratio(ssl["step_img_s"], ssl["peer_img_s"]), ">=", 3.0, "3",
-               "(3) SimCLR step / (4) peer pipeline"),
+    return [
+        _target("supervised_vs_limit", _ratio(sup["step_img_s"], sup["limit_img_s"]), ">=", 0.90, "0.90",
+                "(2) supervised step / (1) limit"),
+        _target("simclr_vs_limit", _ratio(ssl["step_img_s"], ssl["limit_img_s"]), ">=", 0.85, "0.85",
+                "(3) SimCLR step / its model-only limit"),
+        _target("simclr_vs_peer", _ratio(ssl["step_img_s"], ssl["peer_img_s"]), ">=", 3.0, "3",
+                "(3) SimCLR step / (4) peer pipeline"),
         Row("target", "simclr_vs_peer_bound", _ratio(ssl["limit_img_s"], ssl["peer_img_s"]), "",
             note="(3)'s model-only limit / (4): the most any data pipeline could reach against (4)",
             target="(bound)", result="info"),
-        target("ours_vs_ce", _ratio(ours, ce), "<=", 1.3, "1.3", "ours refine epoch / CE epoch"),
-        target("refine_overhead", overhead, "<=", 0.10, "0.10", "(6) stage evaluation + consensus / iteration"),
-        target("ours_vs_ce_stage_loss_train", _ratio(ours_train, ce), "<=", 1.3, "1.3",
-               "ours refine epoch / CE epoch, refine.stage_loss=train"),
-        target("refine_overhead_stage_loss_train", overhead_train, "<=", 0.10, "0.10",
-               "(6) with refine.stage_loss=train"),
-        target("scaling_r2", r2, ">=", 0.99, "0.99", "(7) R^2 of the linear fit of CE epoch time on N"),
-        target("peak_rss_gib", rss / GIB, "<=", limit_rss / GIB, f"{limit_rss / GIB:.2f} GiB",
-               "(8) peak RSS, against uint8 data + 2 GiB"),
+        _target("ours_vs_ce", _ratio(ours, ce), "<=", 1.3, "1.3", "ours refine epoch / CE epoch"),
+        _target("refine_overhead", overhead, "<=", 0.10, "0.10", "(6) stage evaluation + consensus / iteration"),
+        _target("ours_vs_ce_stage_loss_train", _ratio(ours_train, ce), "<=", 1.3, "1.3",
+                "ours refine epoch / CE epoch, refine.stage_loss=train"),
+        _target("refine_overhead_stage_loss_train", overhead_train, "<=", 0.10, "0.10",
+                "(6) with refine.stage_loss=train"),
+        _target("scaling_r2", r2, ">=", 0.99, "0.99", "(7) R^2 of the linear fit of CE epoch time on N"),
+        _target("peak_rss_gib", rss / GIB, "<=", limit_rss / GIB, f"{limit_rss / GIB:.2f} GiB",
+                "(8) peak RSS, against uint8 data + 2 GiB"),
     ]
-    rows.append(Row("run", "wall_seconds", wall, "s", "the whole bench speed run"))
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,18 +929,30 @@ def _fmt(v: float, unit: str) -> str:
 
 
 def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device: torch.device, data_name: str,
-                    n_train: int, command: str, timings: dict[str, MethodTiming]) -> str:
-    from .run import code_version
-
+                    n_train: int, command: str) -> str:
     by = {(r.section, r.name): r for r in rows}
+    lines = _md_header(by, cfg, opts, device, data_name, n_train, command)
+    lines += _md_throughput(rows, by)
+    lines += _md_method_cost(rows, by, cfg, n_train)
+    lines += _md_scaling_memory_targets(rows, by)
+    lines.append("")
+    return "\n".join(lines)
 
-    def val(section: str, name: str) -> str:
-        r = by.get((section, name))
-        return "—" if r is None else _fmt(r.value, r.unit)
+
+def _val(by: dict[tuple[str, str], Row], section: str, name: str) -> str:
+    """A row's value as the markdown shows it (— when the row is missing)."""
+    r = by.get((section, name))
+    return "—" if r is None else _fmt(r.value, r.unit)
+
+
+def _md_header(by: dict[tuple[str, str], Row], cfg: RunConfig, opts: SpeedOptions, device: torch.device,
+               data_name: str, n_train: int, command: str) -> list[str]:
+    """Title, machine, date, command, code version and the profile, then the throughput table's head."""
+    from ..run import code_version
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     width = "" if cfg.model.backbone in ("tiny", "tiny_gn") else f" width {cfg.model.width}"
-    lines = [
+    return [
         "# Training speed: `labelrefine bench speed`", "",
         f"- Machine: {machine_description(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"device `{device}`",
@@ -860,10 +965,16 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
         f"- Each throughput is measured over {opts.epochs} epoch(s) (or limit passes of the same step count) after "
         f"one untimed warm-up; limits and steps are interleaved; the device is synchronised around each timed "
         f"region. CE, the denominator of the ratios, is timed before and after the other methods (second ÷ first "
-        f"= {val('run', 'ce_repeat')}) and averaged. Wall time of this run: {val('run', 'wall_seconds')} s.", "",
+        f"= {_val(by, 'run', 'ce_repeat')}) and averaged. Wall time of this run: {_val(by, 'run', 'wall_seconds')} s.",
+        "",
         "## Throughput", "",
         "| # | measurement | img/s | what |", "|---|---|---:|---|",
     ]
+
+
+def _md_throughput(rows: list[Row], by: dict[tuple[str, str], Row]) -> list[str]:
+    """The throughput rows, then where the SimCLR step's time goes."""
+    lines = []
     for num, name in (("1", "limit_supervised"), ("2", "supervised_step"), ("3", "simclr_step"),
                       ("3", "limit_simclr"), ("4", "peer_simclr"), ("", "aug_strong_only"),
                       ("", "peer_loader_only"), ("", "eval_pass")):
@@ -877,12 +988,18 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
     lines += ["", f"The augmentation of (3) costs "
               f"{1000 / by[('throughput', 'aug_strong_only')].value:.3f} ms of wall time per image (two views, "
               f"batched on the main process); the peer's torchvision transforms cost "
-              f"{val('peer', 'worker_cpu_ms_per_image')} ms of worker CPU per image, on the same cores as the model. "
-              f"In (4) the main process waits for the workers {val('peer', 'main_process_waiting')} of the time. "
-              f"(3) cannot beat its own model-only limit, so against this (4) no data pipeline can exceed "
+              f"{_val(by, 'peer', 'worker_cpu_ms_per_image')} ms of worker CPU per image, on the same cores as the "
+              f"model. In (4) the main process waits for the workers {_val(by, 'peer', 'main_process_waiting')} of "
+              f"the time. (3) cannot beat its own model-only limit, so against this (4) no data pipeline can exceed "
               f"(3)-limit ÷ (4) = **{by[('target', 'simclr_vs_peer_bound')].value:.2f}**.", ""]
-    lines += [f"## Method cost (5): seconds per epoch of the main phase, {n_train} images", "",
-              "| method | s/epoch | × CE | timed |", "|---|---:|---:|---|"]
+    return lines
+
+
+def _md_method_cost(rows: list[Row], by: dict[tuple[str, str], Row], cfg: RunConfig, n_train: int) -> list[str]:
+    """(5) method cost and (6) the refinement overhead, with what the evaluation passes cost."""
+    val = functools.partial(_val, by)
+    lines = [f"## Method cost (5): seconds per epoch of the main phase, {n_train} images", "",
+             "| method | s/epoch | × CE | timed |", "|---|---:|---:|---|"]
     for r in rows:
         if r.section == "method_cost":
             lines.append(f"| `{r.name}` | {_fmt(r.value, r.unit)} | {val('method_ratio', r.name)} | {r.note} |")
@@ -906,13 +1023,19 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
     lines += ["", "What the evaluation pass spends its time on (torch profiler, aten self time):", "",
               "| op | share |", "|---|---:|"]
     lines += [f"| {r.name} | {100 * r.value:.1f}% |" for r in rows if r.section == "profile_eval"]
-    lines += ["", "## Scaling (7): one CE epoch", "", "| N | s | img/s |", "|---:|---:|---:|"]
+    return lines
+
+
+def _md_scaling_memory_targets(rows: list[Row], by: dict[tuple[str, str], Row]) -> list[str]:
+    """(7) scaling, (8) memory and the targets table."""
+    lines = ["", "## Scaling (7): one CE epoch", "", "| N | s | img/s |", "|---:|---:|---:|"]
     for r in rows:
         if r.section == "scaling" and r.name.startswith("ce_epoch_"):
             n = int(r.name.rsplit("_", 1)[1])
             lines.append(f"| {n:,} | {_fmt(r.value, r.unit)} | {r.note.split('(')[1].split(' ')[0]} |")
-    lines += ["", f"Least squares: t = {val('scaling', 'fit_intercept')} s + {val('scaling', 'fit_slope_per_1000')} "
-              f"s per 1,000 images; R² = {by[('scaling', 'fit_r2')].value:.4f}.", "",
+    lines += ["", f"Least squares: t = {_val(by, 'scaling', 'fit_intercept')} s + "
+              f"{_val(by, 'scaling', 'fit_slope_per_1000')} s per 1,000 images; R² = "
+              f"{by[('scaling', 'fit_r2')].value:.4f}.", "",
               "## Memory (8)", "", "| item | GiB | note |", "|---|---:|---|"]
     for r in rows:
         if r.section == "memory":
@@ -926,5 +1049,4 @@ def render_markdown(rows: list[Row], cfg: RunConfig, opts: SpeedOptions, device:
             shown = "—" if not math.isfinite(r.value) else (f"{100 * r.value:.1f}%" if pct else f"{r.value:.3f}")
             req = r.target.replace("0.10", "10%") if pct else r.target
             lines.append(f"| {r.note} | {shown} | {req} | **{r.result}** |")
-    lines.append("")
-    return "\n".join(lines)
+    return lines

@@ -1,6 +1,6 @@
 """Benchmark suites: methods × noise settings × seeds, each an ordinary run, one results table.
 
-A suite is a YAML file (the built-in ones live in ``labelrefine/suites/``; ``labelrefine bench
+A suite is a YAML file (the built-in ones live in ``labelrefine/bench/suites/``; ``labelrefine bench
 --list`` shows them, and any path to a suite file works too)::
 
     name: cpu-cifar10
@@ -34,17 +34,16 @@ import os
 import platform
 import re
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
-from .errors import UserError, short_repr
-from .io import write_text
-from .rundir import FINISHED_MARKER
+from ..config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
+from ..errors import TrainingDiverged, UserError, short_repr
+from ..io import write_text
+from ..rundir import FINISHED_MARKER
 
 log = logging.getLogger("labelrefine")
 
@@ -52,8 +51,19 @@ REFERENCE = "ce_clean"  # the method column name of the clean-label CE reference
 REFERENCE_SETTING = "clean"
 SUITE_KEYS = {"name", "title", "description", "budget_minutes", "methods", "reference", "settings",
               "method_overrides", "config", "profile_notes"}
+
+
+def registered_phases() -> tuple[str, ...]:
+    """Every phase name a registered method declares (``Method.phases``), once each: ``ours``'
+    phases first, in its order, then the other methods' new ones in registry order."""
+    from ..methods import list_methods
+
+    methods = sorted(list_methods(), key=lambda m: m.name != "ours")  # stable: registry order otherwise
+    return tuple(dict.fromkeys(p for m in methods for p in m.phases))
+
+
 # Order of the per-phase wall-time columns (phases a method does not have stay empty).
-PHASES = ("ssl", "warmup", "refine", "finetune", "train", "dm_warmup", "dm_train")
+PHASES = registered_phases()
 
 
 @dataclass
@@ -100,7 +110,7 @@ class PlannedRun:
 
 def builtin_suites() -> dict[str, Path]:
     """Name → path of the suite files shipped with the package."""
-    root = resources.files("labelrefine") / "suites"
+    root = resources.files("labelrefine.bench") / "suites"
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
 
@@ -119,7 +129,7 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
-    from .methods import list_methods
+    from ..methods import list_methods
 
     def bad(msg: str) -> UserError:
         return UserError(f"suite {source}: {msg}")
@@ -254,13 +264,9 @@ def _status(r: PlannedRun) -> str:
     return "new"
 
 
-def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
-              user_overrides: list[str] | None = None, overwrite: bool = False, dry_run: bool = False,
-              command: str | None = None) -> list[dict]:
-    """Run (or reuse) every planned run and write the results files; returns the result rows."""
-    from .run import TrainingDiverged, run
-
-    out = Path(out)
+def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,
+                user_overrides: list[str] | None, overwrite: bool) -> tuple[list[PlannedRun], list[str]]:
+    """The planned runs and their statuses; an error if one is stale and not ``overwrite``."""
     runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
     statuses = [_status(r) for r in runs]
     stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
@@ -269,11 +275,52 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
                         f"({len(stale)} such run(s)) or choose another --out")
     todo = sum(s != "cached" for s in statuses)
     log.info("suite %s: %d runs (%d cached, %d to run) -> %s", suite.name, len(runs), len(runs) - todo, todo, out)
-    if dry_run:
-        for r, s in zip(runs, statuses, strict=True):
-            print(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}")
-        return []
-    command = command or "labelrefine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    return runs, statuses
+
+
+def dry_run(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+            user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+    """What :func:`run_suite` would do, one line per planned run (status, label, config hash,
+    directory); nothing is run or written."""
+    runs, statuses = _check_plan(suite, Path(out), seeds=seeds, methods=methods, user_overrides=user_overrides,
+                                 overwrite=overwrite)
+    return "\n".join(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}"
+                     for r, s in zip(runs, statuses, strict=True))
+
+
+def equivalent_command(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+                       user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+    """The ``labelrefine bench`` command line of a :func:`run_suite` call (for ``results.md``
+    when the caller gives none)."""
+    builtin = builtin_suites().get(suite.name)
+    is_file = bool(suite.source) and Path(suite.source).is_file()
+    name = suite.source if is_file and (builtin is None or str(builtin) != suite.source) else suite.name
+    parts = [name, "--out", str(out)]
+    if seeds != 1:
+        parts += ["--seeds", str(seeds)]
+    if methods:
+        parts += ["--methods", ",".join(methods)]
+    for item in user_overrides or []:
+        parts += ["--set", item]
+    if overwrite:
+        parts.append("--overwrite")
+    return "labelrefine bench " + " ".join(shlex.quote(p) for p in parts)
+
+
+def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
+              user_overrides: list[str] | None = None, overwrite: bool = False,
+              command: str | None = None) -> list[dict]:
+    """Run (or reuse) every planned run and write the results files; returns the result rows.
+
+    ``command`` is the command line ``results.md`` shows (default: :func:`equivalent_command`).
+    """
+    from ..run import run
+
+    out = Path(out)
+    runs, statuses = _check_plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides,
+                                 overwrite=overwrite)
+    command = command or equivalent_command(suite, out, seeds=seeds, methods=methods,
+                                            user_overrides=user_overrides, overwrite=overwrite)
     failures: dict[int, str] = {}
     t0 = time.perf_counter()
     for k, (r, s) in enumerate(zip(runs, statuses, strict=True)):
@@ -410,6 +457,19 @@ def _dates(rows: list[dict]) -> str:
 def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> str:
     settings = [s.name for s in suite.settings]
     methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
+    lines = _md_head(suite, rows, command=command, seeds=seeds)
+    lines += _accuracy_table(rows, settings, methods, "final_test_acc", "r_final",
+                             "Test accuracy (%), final epoch — R = accuracy ÷ clean-label CE accuracy; bold = best")
+    lines += _accuracy_table(rows, settings, methods, "best_val_test_acc", "r_best_val",
+                             "Test accuracy (%) of the epoch with the best noisy-validation accuracy")
+    lines += _md_where_ours_stands(rows, settings, methods)
+    lines += _md_label_accuracy(rows, settings, methods)
+    lines += _md_wall_time(rows, settings, methods)
+    return "\n".join(lines)
+
+
+def _md_head(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> list[str]:
+    """Title, description, how the table was made, the profile notes and what is not finished."""
     finished = [r for r in rows if r["status"] == "ok"]
     versions = sorted({r["code_version"] for r in finished})
     total = sum(float(r["seconds_data"] or 0) + float(r["seconds_total"] or 0) for r in finished)
@@ -434,80 +494,93 @@ def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int
         lines += [f"**Incomplete:** {len(pending)} run(s) not finished: "
                   + ", ".join(f"{r['setting']} / {r['method']} / seed {r['seed']} ({r['status']})" for r in pending[:8])
                   + (" …" if len(pending) > 8 else ""), ""]
-    clean = _cells(rows, "final_test_acc").get(("clean labels", REFERENCE))
-    clean_best = _cells(rows, "best_val_test_acc").get(("clean labels", REFERENCE))
+    return lines
+
+
+def _accuracy_table(rows: list[dict], settings: list[str], methods: list[str], key: str, rkey: str,
+                    title: str) -> list[str]:
+    """Mean ± std of ``key`` (and R, ``rkey``) per method and setting, the clean reference first;
+    the best method of a setting in bold."""
+    ref = _cells(rows, key).get(("clean labels", REFERENCE))
     rates = _cells(rows, "achieved_rate")
-
-    def table(key: str, rkey: str, ref: tuple | None, title: str) -> list[str]:
-        cells, rcells = _cells(rows, key), _cells(rows, rkey)
-        head = []
+    cells, rcells = _cells(rows, key), _cells(rows, rkey)
+    head = []
+    for s in settings:
+        rate = next((v for (ss, _), v in rates.items() if ss == s), None)
+        head.append(f"{s}" + (f" ({100 * rate[0]:.1f}% noisy)" if rate else ""))
+    out = [f"## {title}", "", "| Method | " + " | ".join(head) + " |", "|---|" + "---|" * len(settings)]
+    if ref is not None:
+        out.append("| CE on clean labels (reference) | " + " | ".join(
+            [f"{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}"] * len(settings)) + " |")
+    best = {s: max((cells[(s, m)][0] for m in methods if (s, m) in cells), default=None) for s in settings}
+    for m in methods:
+        row = [f"`{m}`"]
         for s in settings:
-            rate = next((v for (ss, _), v in rates.items() if ss == s), None)
-            head.append(f"{s}" + (f" ({100 * rate[0]:.1f}% noisy)" if rate else ""))
-        out = [f"## {title}", "", "| Method | " + " | ".join(head) + " |", "|---|" + "---|" * len(settings)]
-        if ref is not None:
-            out.append("| CE on clean labels (reference) | " + " | ".join(
-                [f"{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}"] * len(settings)) + " |")
-        best = {s: max((cells[(s, m)][0] for m in methods if (s, m) in cells), default=None) for s in settings}
-        for m in methods:
-            row = [f"`{m}`"]
-            for s in settings:
-                c = cells.get((s, m))
-                if c is None:
-                    row.append("—")
-                    continue
-                txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
-                if (s, m) in rcells:
-                    txt += f" (R {rcells[(s, m)][0]:.2f})"
-                if best[s] is not None and c[0] == best[s]:
-                    txt = f"**{txt}**"
-                row.append(txt)
-            out.append("| " + " | ".join(row) + " |")
-        return [*out, ""]
-
-    lines += table("final_test_acc", "r_final", clean,
-                   "Test accuracy (%), final epoch — R = accuracy ÷ clean-label CE accuracy; bold = best")
-    lines += table("best_val_test_acc", "r_best_val", clean_best,
-                   "Test accuracy (%) of the epoch with the best noisy-validation accuracy")
-
-    cells = _cells(rows, "final_test_acc")
-    if "ours" in methods:
-        lines += ["## Where `ours` stands (final-epoch test accuracy)", ""]
-        for s in settings:
-            if (s, "ours") not in cells:
+            c = cells.get((s, m))
+            if c is None:
+                row.append("—")
                 continue
-            mine = cells[(s, "ours")][0]
-            better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
-                             and cells[(s, m)][0] > mine), reverse=True)
-            if better:
-                lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
-                    f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
-            else:
-                lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
-        lines.append("")
+            txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
+            if (s, m) in rcells:
+                txt += f" (R {rcells[(s, m)][0]:.2f})"
+            if best[s] is not None and c[0] == best[s]:
+                txt = f"**{txt}**"
+            row.append(txt)
+        out.append("| " + " | ".join(row) + " |")
+    return [*out, ""]
 
+
+def _md_where_ours_stands(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Per setting: the methods that beat ``ours`` (final-epoch test accuracy), or that none does."""
+    if "ours" not in methods:
+        return []
+    cells = _cells(rows, "final_test_acc")
+    lines = ["## Where `ours` stands (final-epoch test accuracy)", ""]
+    for s in settings:
+        if (s, "ours") not in cells:
+            continue
+        mine = cells[(s, "ours")][0]
+        better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
+                         and cells[(s, m)][0] > mine), reverse=True)
+        if better:
+            lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
+                f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
+        else:
+            lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
+    lines.append("")
+    return lines
+
+
+def _md_label_accuracy(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Training-label accuracy before → after, for the methods whose final labels differ from the given ones."""
     before, after = _cells(rows, "train_label_acc_before"), _cells(rows, "train_label_acc_after")
     relabel = [m for m in methods if any(after.get((s, m), (None,))[0] != before.get((s, m), (None,))[0]
                                          for s in settings if (s, m) in after)]
-    if relabel:
-        lines += ["## Training-label accuracy (%): the given labels → the method's final labels", "",
-                  "`ours`: its refined training labels; `ours_dividemix` and the baselines: the final model's "
-                  "predictions on the training images. Against the clean labels.", "",
-                  "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-        for m in relabel:
-            cellsx = []
-            for s in settings:
-                b, a = before.get((s, m)), after.get((s, m))
-                cellsx.append("—" if a is None else f"{100 * b[0]:.2f} → {100 * a[0]:.2f}")
-            lines.append(f"| `{m}` | " + " | ".join(cellsx) + " |")
-        lines.append("")
+    if not relabel:
+        return []
+    lines = ["## Training-label accuracy (%): the given labels → the method's final labels", "",
+             "`ours`: its refined training labels; `ours_dividemix` and the baselines: the final model's "
+             "predictions on the training images. Against the clean labels.", "",
+             "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in relabel:
+        cellsx = []
+        for s in settings:
+            b, a = before.get((s, m)), after.get((s, m))
+            cellsx.append("—" if a is None else f"{100 * b[0]:.2f} → {100 * a[0]:.2f}")
+        lines.append(f"| `{m}` | " + " | ".join(cellsx) + " |")
+    lines.append("")
+    return lines
 
+
+def _md_wall_time(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
+    """Mean wall time (data + training) of a run per method and setting."""
     wall: dict[tuple[str, str], list[float]] = {}
-    for r in finished:
-        wall.setdefault((r["setting"], r["method"]), []).append(float(r["seconds_data"] or 0) +
-                                                                float(r["seconds_total"] or 0))
-    lines += ["## Wall time per run (minutes, data + training)", "",
-              "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for r in rows:
+        if r["status"] == "ok":
+            wall.setdefault((r["setting"], r["method"]), []).append(float(r["seconds_data"] or 0) +
+                                                                    float(r["seconds_total"] or 0))
+    lines = ["## Wall time per run (minutes, data + training)", "",
+             "| Method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     if ("clean labels", REFERENCE) in wall:
         v = wall[("clean labels", REFERENCE)]
         lines.append("| CE on clean labels (reference) | " + " | ".join([f"{sum(v) / len(v) / 60:.1f}"] * len(settings))
@@ -517,7 +590,7 @@ def results_markdown(suite: Suite, rows: list[dict], *, command: str, seeds: int
             "—" if (s, m) not in wall else f"{sum(wall[(s, m)]) / len(wall[(s, m)]) / 60:.1f}" for s in settings)
             + " |")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
@@ -526,7 +599,7 @@ def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from ..io import atomic_path
 
     settings = [s.name for s in suite.settings]
     methods = [m for m in suite.methods if any(r["method"] == m for r in rows)]
@@ -550,8 +623,3 @@ def write_chart(suite: Suite, rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def read_results_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
