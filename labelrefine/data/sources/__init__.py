@@ -7,8 +7,8 @@ Spec grammar::
 
 ``KIND`` is a registered kind (:func:`known_kinds`, table below); every kind except ``digits``
 needs a ``PATH`` (which therefore cannot contain a comma). Each kind is one module of this
-package registered with :func:`register_source`; its options (``size``/``channels`` work for
-all) and its line in the table come from that registration.
+package (imported automatically) registered with :func:`register_source`; its options
+(``size``/``channels`` work for all) and its line in the table come from that registration.
 
 Common options: ``size=S`` or ``size=HxW`` resizes every image (PIL bilinear); ``channels=1|3``
 converts (default: 1 when every training image is grayscale, else 3).
@@ -41,11 +41,15 @@ Kinds:
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 from ..imageset import DataSplits
 
-# The kind modules register themselves on import, in this order (the order of known_kinds()).
+# The kind modules register themselves on import: the built-in ones first, in this order (the
+# order of known_kinds() and of the table), then every other module of this package that is not a
+# shared piece, alphabetically. So a new kind is one new module here; nothing else to edit.
 from . import digits, imagefolder, csv_manifest, json_manifest, npz, cifar  # noqa: F401, I001  isort: skip
 from .csv_manifest import Manifest, ManifestSplit, _plan_csv, read_manifest
 from .decode import DECODE_PARALLEL_MIN, _adjust_array, _decode_file, _rgb_to_gray, _to_mode, decode_images
@@ -55,6 +59,18 @@ from .json_manifest import _plan_json
 from .names import _class_list, _short, check_class_names, index_labels, present_classes, printable_name
 from .registry import COMMON_OPTIONS, SOURCES, SourceKind, SourceRequest, known_kinds, register_source
 from .spec import _parse_bool, _parse_channels, _parse_classes, _parse_size, parse_spec
+
+_SHARED_MODULES = frozenset({"registry", "spec", "names", "files", "plan", "decode"})
+
+
+def _import_kind_modules() -> None:
+    """Import (register) every module of this package that is not a shared piece."""
+    for name in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if name not in _SHARED_MODULES and not name.startswith("_"):
+            importlib.import_module(f"{__name__}.{name}")
+
+
+_import_kind_modules()
 
 __all__ = [
     "COMMON_OPTIONS", "DECODE_PARALLEL_MIN", "IMAGE_EXTENSIONS", "KNOWN_KINDS", "SOURCES", "Manifest",
