@@ -15,6 +15,7 @@ Nothing here sees clean labels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch import nn
 from . import distributed as ddp
 from .config import RunConfig
 from .data.augment import channel_stats, make_augment
+from .data.noise import resolve_noise_type
 from .errors import UserError
 from .losses import softmax_weighted_ce
 from .models import create_backbone
@@ -99,11 +101,25 @@ def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
+def _canonical_noise(cfg: RunConfig) -> RunConfig:
+    """``cfg`` itself when ``data.noise`` is a canonical name, else a copy with the canonical name.
+
+    The one place the methods' view of a noise alias is resolved. Not in config validation: that
+    runs before the CLI claims the run directory and must not import torch (the noise registry does).
+    """
+    noise = resolve_noise_type(cfg.data.noise)
+    if noise == cfg.data.noise:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, noise=noise))
+
+
 class Context:
     """Everything a method needs, resident on the device. Built once per run.
 
     Args:
-        cfg: the resolved run config.
+        cfg: the resolved run config. ``self.cfg`` has the canonical name of its noise type
+            (:func:`~labelrefine.data.noise.resolve_noise_type`: ``asymmetric`` becomes ``pairflip``),
+            so methods compare canonical names only.
         images: uint8 ``(N, C, H, W)`` training images (the split the method trains on).
         labels: int64 ``(N,)`` *noisy* training labels.
         num_classes: C.
@@ -124,7 +140,7 @@ class Context:
         cache_dir: str | None = None,
         noise_rate: float = 0.0,
     ):
-        self.cfg = cfg
+        self.cfg = _canonical_noise(cfg)
         self.device = device
         self.num_classes = num_classes
         self.cache_dir = cache_dir

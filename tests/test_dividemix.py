@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from labelrefine.config import config_to_dict
 from labelrefine.engine import Context
 from labelrefine.losses import sharpen
 from labelrefine.methods import get_method
@@ -269,3 +270,19 @@ def test_ours_dividemix_init_options(tiny_config, init):
     assert same == ([True, True] if init == "refined" else [False, False])
     assert torch.equal(m.dm.labels, m.given)
     _drive(m, specs[-1:], started=True)
+
+
+@pytest.mark.parametrize("rate", ["0.4", "0.5"])
+def test_asymmetric_alias_gets_exactly_the_pairflip_settings(tiny_config, rate):
+    """data.noise=asymmetric once took lambda_u 25 at 50% noise and no warmup penalty: DivideMix
+    compared the name with "pairflip" itself. The Context resolves the alias; the method sees pairflip."""
+    methods = {}
+    for noise in ("asymmetric", "pairflip"):
+        cfg = tiny_config("method=dividemix", "epochs=3", "dividemix.warmup_epochs=1", f"data.noise={noise}",
+                          f"data.noise_rate={rate}")
+        methods[noise] = DivideMix(_context(cfg))
+    a, p = methods["asymmetric"], methods["pairflip"]
+    assert a.cfg.data.noise == "pairflip" and config_to_dict(a.cfg) == config_to_dict(p.cfg)
+    assert (a.lambda_max, a.warmup_penalty) == (p.lambda_max, p.warmup_penalty) == (0.0, True)
+    assert [(s.phase, s.epoch) for s in a.schedule()] == [(s.phase, s.epoch) for s in p.schedule()]
+    assert torch.equal(a.ctx.y, p.ctx.y)  # the same noisy labels too

@@ -204,3 +204,44 @@ def test_transition_matrix_is_computed_only_when_asked_for():
     assert "transition" not in res.__dict__  # never built
     small = given_noise(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), 2)
     torch.testing.assert_close(small.transition, torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64))
+
+
+def test_noise_registry_names_aliases_and_derived_lists():
+    from labelrefine.data import noise
+
+    assert noise.NOISE_TYPES[:5] == ("none", "symmetric", "pairflip", "idn", "column:NAME")  # then any added
+    assert [t.takes_rate for t in noise.NOISE.values()][:5] == [False, True, True, True, False]
+    assert all(t.doc for t in noise.NOISE.values())
+    assert noise.resolve_noise_type("asymmetric") == "pairflip"  # the one place aliases are resolved
+    assert noise.resolve_noise_type("pairflip") == "pairflip" and noise.resolve_noise_type("column:w") == "column:w"
+    assert noise.check_noise_type("asymmetric") and not noise.check_noise_type("column:w")
+    for bad in ["column", "column:", "none:x", "asymmetric:x", "Symmetric", "", ":"]:
+        with pytest.raises(UserError, match=r"unknown noise type .*; known: none, symmetric, pairflip, idn, "
+                                            r"column:NAME"):
+            noise.resolve_noise_type(bad)
+    y, x = _labels(500, 4), _images(500)
+    ds = ImageSet(images=x, labels=y, classes=list("abcd"), ids=[str(i) for i in range(500)])
+    assert torch.equal(apply_noise(ds, "asymmetric", 0.3, seed=1).noisy_labels,
+                       apply_noise(ds, "pairflip", 0.3, seed=1).noisy_labels)
+
+
+def test_a_registered_noise_type_is_known_everywhere():
+    """Adding a noise type: one decorated function; NOISE_TYPES, the checks and apply_noise follow."""
+    from labelrefine.data import noise
+
+    @noise.register_noise("allzero", takes_rate=True, aliases=("zero",), doc="every flipped label becomes 0")
+    def _allzero(data, rate, rng, **_):
+        flip = rng.random(len(data.labels)) < rate
+        return given_noise(data.labels, torch.where(torch.from_numpy(flip), 0, data.labels), data.num_classes)
+
+    try:
+        assert noise.NOISE_TYPES[-1] == "allzero" and noise.resolve_noise_type("zero") == "allzero"
+        assert noise.check_noise_type("allzero")
+        ds = ImageSet(images=_images(200), labels=_labels(200, 3) + 1, classes=list("abcd"),
+                      ids=[str(i) for i in range(200)])
+        res = apply_noise(ds, "zero", 0.5, seed=0)
+        assert 0.3 < res.rate < 0.7 and set(res.noisy_labels[res.noisy_labels != ds.labels].tolist()) == {0}
+        with pytest.raises(ValueError, match="taken"):
+            noise.register_noise("pairflip", takes_rate=True)(_allzero)
+    finally:
+        del noise.NOISE["allzero"], noise._ALIASES["zero"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from labelrefine.config import config_to_dict
 from labelrefine.engine import Context, EpochSpec, resolve_device
 from labelrefine.errors import UserError
 from labelrefine.methods import get_method
@@ -264,3 +265,12 @@ def test_non_finite_loss_raises(name, tiny_config):
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError):
         m.run_epoch(EpochSpec("train", 0, 1))
+
+
+@pytest.mark.parametrize("name", ["jocor", "coteaching"])
+def test_asymmetric_alias_gets_exactly_the_pairflip_settings(tiny_config, name):
+    a = make_method(tiny_config, name, "data.noise=asymmetric", "data.noise_rate=0.4")
+    p = make_method(tiny_config, name, "data.noise=pairflip", "data.noise_rate=0.4")
+    assert a.cfg.data.noise == "pairflip" and config_to_dict(a.cfg) == config_to_dict(p.cfg)
+    assert a.tau == p.tau == pytest.approx(0.2 if name == "jocor" else 0.4)
+    assert torch.equal(a.ctx.y, p.ctx.y)

@@ -15,7 +15,15 @@ from PIL import Image, ImageFile
 
 from labelrefine.data import sources
 from labelrefine.data.cache import STORE_FORMAT
-from labelrefine.data.sources import KNOWN_KINDS, load_data, parse_spec, read_manifest
+from labelrefine.data.imageset import DataSplits, ImageSet
+from labelrefine.data.sources import (
+    KNOWN_KINDS,
+    decode,  # the module whose globals the decoders look up
+    load_data,
+    parse_spec,
+    read_manifest,
+)
+from labelrefine.data.sources.registry import COMMON_OPTIONS, SOURCES, SourceRequest, register_source
 from labelrefine.errors import UserError
 from labelrefine.store import save as store_save
 
@@ -72,13 +80,13 @@ def folder(tmp_path: Path) -> Path:
 def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Counts calls of the per-file decoder."""
     calls: list[str] = []
-    real = sources._decode_file
+    real = decode._decode_file
 
     def counting(path, size, mode):
         calls.append(path)
         return real(path, size, mode)
 
-    monkeypatch.setattr(sources, "_decode_file", counting)
+    monkeypatch.setattr(decode, "_decode_file", counting)
     return calls
 
 
@@ -102,7 +110,62 @@ def test_parse_spec_forms():
     assert parse_spec("cifar10:/root,download") == ("cifar10", "/root", {"download": True})
     assert parse_spec("cifar100:/root,download=no") == ("cifar100", "/root", {"download": False})
     assert parse_spec("  CSV:C:/x/y.csv , size=8 ,") == ("csv", "C:/x/y.csv", {"size": "8"})
-    assert set(KNOWN_KINDS) == {"digits", "imagefolder", "csv", "json", "npz", "cifar10", "cifar100"}
+    assert set(KNOWN_KINDS) >= {"digits", "imagefolder", "csv", "json", "npz", "cifar10", "cifar100"}  # + new modules
+
+
+def test_every_registered_kind_has_options_and_a_doc_line():
+    assert tuple(SOURCES) == KNOWN_KINDS
+    assert KNOWN_KINDS[:7] == ("digits", "imagefolder", "csv", "json", "npz", "cifar10", "cifar100")  # table order
+    for kind, source in SOURCES.items():
+        assert source.kind == kind and callable(source.load)
+        assert source.options >= COMMON_OPTIONS and source.flags <= source.options
+        assert source.doc.strip() and "\n" not in source.doc, kind
+        assert source.needs_path or source.no_path_note, kind
+        assert kind in sources.__doc__ and source.doc in sources.__doc__  # the docs table is generated
+
+
+def test_every_module_of_the_package_is_shared_or_registers_a_kind():
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.iter_modules(sources.__path__)} - sources._SHARED_MODULES
+    registered = {s.load.__module__.rsplit(".", 1)[1] for s in SOURCES.values() if s.load.__module__.startswith(
+        "labelrefine.data.sources.")}
+    assert modules == registered  # a kind module imports itself: nothing else to edit
+
+
+def test_unknown_kind_error_lists_the_registered_kinds():
+    with pytest.raises(UserError) as e:
+        parse_spec("mnist:/x")
+    assert str(e.value).endswith(f"known kinds: {', '.join(SOURCES)}")
+
+
+@pytest.fixture
+def toy_source():
+    """A kind registered by a test, as a new module would: no other edit needed."""
+
+    @register_source("toy", options=("n", "fancy"), flags=("fancy",), doc="a toy kind for the registry tests")
+    def load(req: SourceRequest) -> DataSplits:
+        n = int(req.options.get("n", 4))
+        images = torch.zeros((n, 1, *(req.size or (2, 2))), dtype=torch.uint8)
+        train = ImageSet(images, torch.arange(n) % 2, ["a", "b"], [f"{req.path}/{i}" for i in range(n)])
+        return DataSplits(name=f"toy{'-fancy' if req.options.get('fancy') else ''}", train=train)
+
+    yield
+    del SOURCES["toy"]
+
+
+def test_a_registered_kind_parses_and_loads(toy_source):
+    assert sources.KNOWN_KINDS[-1] == "toy"  # derived from the registry on every access
+    assert parse_spec("toy:/p,n=3,fancy") == ("toy", "/p", {"n": "3", "fancy": True})
+    d = load_data("toy:/p,n=3,fancy,size=4x5")
+    assert d.name == "toy-fancy" and d.train.images.shape == (3, 1, 4, 5) and d.train.ids[0] == "/p/0"
+    with pytest.raises(UserError, match=r"unknown option 'classes' for kind 'toy'; known options: channels, "
+                                        r"fancy, n, size"):
+        parse_spec("toy:/p,classes=a;b")
+    with pytest.raises(UserError, match=r"known kinds: digits, .*, toy$"):
+        parse_spec("mnist:/x")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_source("toy", doc="again")(lambda req: None)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +425,7 @@ def test_cache_not_decoding_on_hit(folder: Path, cache: Path, monkeypatch: pytes
     def boom(*args, **kwargs):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(sources, "_decode_file", boom)
+    monkeypatch.setattr(decode, "_decode_file", boom)
     assert len(load_data(f"imagefolder:{folder}", cache_dir=cache).train) == 6
 
 
@@ -403,8 +466,8 @@ def test_unwritable_cache_is_not_fatal(folder: Path, tmp_path: Path, caplog: pyt
 
 def test_parallel_decode_matches_serial(folder: Path, cache: Path, monkeypatch: pytest.MonkeyPatch):
     serial = load_data(f"imagefolder:{folder}", cache_dir=cache / "a")
-    monkeypatch.setattr(sources, "DECODE_PARALLEL_MIN", 1)
-    monkeypatch.setattr(sources, "_workers", lambda n: 2)
+    monkeypatch.setattr(decode, "DECODE_PARALLEL_MIN", 1)
+    monkeypatch.setattr(decode, "_workers", lambda n: 2)
     parallel = load_data(f"imagefolder:{folder}", cache_dir=cache / "b")
     assert torch.equal(serial.train.images, parallel.train.images)
     assert torch.equal(serial.test.images, parallel.test.images)
@@ -871,7 +934,7 @@ def test_real_cifar10_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     d = load_data(f"imagefolder:{CIFAR10_DIR}", cache_dir=tmp_path)
     assert len(d.train) == 50_000 and len(d.test) == 10_000 and d.train.shape == (3, 32, 32)
     with monkeypatch.context() as m:
-        m.setattr(sources, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+        m.setattr(decode, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))
         d2 = load_data(f"imagefolder:{CIFAR10_DIR}", cache_dir=tmp_path)
     assert torch.equal(d.train.labels, d2.train.labels) and torch.equal(d.train.images, d2.train.images)
 

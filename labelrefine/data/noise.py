@@ -14,11 +14,18 @@ Generators:
 * :func:`idn_noise` - instance-dependent noise, the generator of Xia et al., NeurIPS 2020,
   "Part-dependent label noise", as used by PES, CAL and most IDN benchmarks.
 * :func:`given_noise` - noisy labels that already exist, e.g. CIFAR-10N's human annotations.
+
+Named noise types (what ``data.noise`` and ``labelrefine noise --type`` take) are a registry:
+``@register_noise(name, takes_rate=..., aliases=(...))`` on an ``apply(data, rate, rng, *, arg,
+pixel_scale) -> NoiseResult`` function. :func:`resolve_noise_type` maps a name (or an alias, such
+as ``asymmetric`` for ``pairflip``) to its canonical name; :data:`NOISE_TYPES`,
+:func:`check_noise_type` and :func:`apply_noise` derive from the registry.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +33,6 @@ import torch
 
 from ..errors import UserError
 from .imageset import ImageSet
-
-NOISE_TYPES = ("none", "symmetric", "pairflip", "idn", "column:NAME")
 
 
 @dataclass(frozen=True)
@@ -240,13 +245,90 @@ def given_noise(labels, noisy_labels, num_classes: int) -> NoiseResult:
     return _result(y, z, num_classes)
 
 
+# --------------------------------------------------------------------------------------------
+# The registry of named noise types
+# --------------------------------------------------------------------------------------------
+
+#: ``apply(data, rate, rng, *, arg, pixel_scale)``: ``arg`` is the text after ``NAME:`` for a
+#: parametrised type (``column:worse`` -> ``"worse"``), else ``None``.
+NoiseApply = Callable[..., NoiseResult]
+
+
+@dataclass(frozen=True)
+class NoiseType:
+    """A registered noise type: its canonical name, its function, whether it takes a rate."""
+
+    name: str
+    apply: NoiseApply
+    takes_rate: bool
+    aliases: tuple[str, ...]
+    param: str | None  # a parametrised type is spelled NAME:PARAM (column:NAME); None: plain NAME
+    doc: str
+
+    @property
+    def spelling(self) -> str:
+        return self.name if self.param is None else f"{self.name}:{self.param}"
+
+
+NOISE: dict[str, NoiseType] = {}
+_ALIASES: dict[str, str] = {}  # alias -> canonical name
+
+
+def register_noise(
+    name: str, *, takes_rate: bool, aliases: tuple[str, ...] = (), param: str | None = None, doc: str = ""
+) -> Callable[[NoiseApply], NoiseApply]:
+    """Register the decorated ``apply(data, rate, rng, *, arg, pixel_scale)`` as noise type ``name``.
+
+    ``takes_rate``: whether ``data.noise_rate`` applies; ``aliases``: other names resolved to
+    ``name`` by :func:`resolve_noise_type`; ``param``: spell the type ``name:PARAM`` (the text
+    after the colon reaches ``apply`` as ``arg``).
+    """
+
+    def deco(apply: NoiseApply) -> NoiseApply:
+        for n in (name, *aliases):
+            if n in NOISE or n in _ALIASES or not n or ":" in n:
+                raise ValueError(f"noise type name {n!r} is taken or invalid")
+        NOISE[name] = NoiseType(name, apply, takes_rate, tuple(aliases), param, doc)
+        _ALIASES.update(dict.fromkeys(aliases, name))
+        return apply
+
+    return deco
+
+
+def noise_types() -> tuple[str, ...]:
+    """The registered noise types as spelled in a config (``column:NAME``), without aliases."""
+    return tuple(t.spelling for t in NOISE.values())
+
+
+def __getattr__(name: str) -> object:
+    if name == "NOISE_TYPES":  # derived from the registry
+        return noise_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _lookup(noise_type: str) -> tuple[NoiseType, str | None]:
+    """The registered type of a name (aliases resolved) and its ``:PARAM`` text; else UserError."""
+    head, colon, arg = noise_type.partition(":")
+    t = NOISE.get(_ALIASES.get(head, head))
+    if t is not None and (t.param is not None) == bool(colon) and (not colon or arg):
+        return t, (arg if colon else None)
+    raise UserError(f"unknown noise type {noise_type!r}; known: {', '.join(noise_types())}")
+
+
+def resolve_noise_type(noise_type: str) -> str:
+    """The canonical name of a noise type: an alias becomes its type (``asymmetric`` -> ``pairflip``).
+
+    The one place aliases are resolved: config validation stores the canonical name in
+    ``data.noise``, so methods only ever compare canonical names. Raises :class:`UserError`
+    for an unknown type.
+    """
+    t, arg = _lookup(noise_type)
+    return t.name if arg is None else f"{t.name}:{arg}"
+
+
 def check_noise_type(noise_type: str) -> bool:
     """Validate a noise type name; return True when it takes a rate (symmetric, pairflip, idn)."""
-    if noise_type in ("symmetric", "pairflip", "asymmetric", "idn"):
-        return True
-    if noise_type == "none" or (noise_type.startswith("column:") and len(noise_type) > len("column:")):
-        return False
-    raise UserError(f"unknown noise type {noise_type!r}; known: {', '.join(NOISE_TYPES)}")
+    return _lookup(noise_type)[0].takes_rate
 
 
 def apply_noise(
@@ -261,25 +343,42 @@ def apply_noise(
 
     Args:
         data: the split; its ``labels`` are taken as the clean labels.
-        noise_type: ``none``, ``symmetric``, ``pairflip``, ``idn`` or ``column:NAME`` (one of
-            ``data.extra_labels``).
+        noise_type: a registered type (:func:`noise_types`): ``none``, ``symmetric``, ``pairflip``
+            (alias ``asymmetric``), ``idn`` or ``column:NAME`` (one of ``data.extra_labels``).
         rate: noise rate in ``[0, 1)`` (ignored by ``none`` and ``column:``).
         seed: seed of the ``numpy.random.Generator`` the generator draws from.
         pixel_scale: see :func:`idn_noise`.
     """
-    check_noise_type(noise_type)
-    rng = np.random.default_rng(seed)
-    c = data.num_classes
-    if noise_type == "none":
-        return given_noise(data.labels, data.labels, c)
-    if noise_type == "symmetric":
-        return symmetric_noise(data.labels, c, rate, generator=rng)
-    if noise_type in ("pairflip", "asymmetric"):
-        return pairflip_noise(data.labels, c, rate, generator=rng)
-    if noise_type == "idn":
-        return idn_noise(data.labels, c, rate, generator=rng, images=data.images, pixel_scale=pixel_scale)
-    name = noise_type.split(":", 1)[1]
-    if name not in data.extra_labels:
+    t, arg = _lookup(noise_type)
+    return t.apply(data, rate, np.random.default_rng(seed), arg=arg, pixel_scale=pixel_scale)
+
+
+@register_noise("none", takes_rate=False, doc="the labels as given (no noise)")
+def _apply_none(data: ImageSet, rate: float, rng: np.random.Generator, **_: object) -> NoiseResult:
+    return given_noise(data.labels, data.labels, data.num_classes)
+
+
+@register_noise("symmetric", takes_rate=True, doc="an exact fraction of each class to a uniform other class")
+def _apply_symmetric(data: ImageSet, rate: float, rng: np.random.Generator, **_: object) -> NoiseResult:
+    return symmetric_noise(data.labels, data.num_classes, rate, generator=rng)
+
+
+@register_noise("pairflip", takes_rate=True, aliases=("asymmetric",),
+                doc="an exact fraction of each class c to c + 1 mod C (Han et al. 2018)")
+def _apply_pairflip(data: ImageSet, rate: float, rng: np.random.Generator, **_: object) -> NoiseResult:
+    return pairflip_noise(data.labels, data.num_classes, rate, generator=rng)
+
+
+@register_noise("idn", takes_rate=True, doc="instance-dependent noise (Xia et al. 2020)")
+def _apply_idn(
+    data: ImageSet, rate: float, rng: np.random.Generator, *, pixel_scale: float, **_: object
+) -> NoiseResult:
+    return idn_noise(data.labels, data.num_classes, rate, generator=rng, images=data.images, pixel_scale=pixel_scale)
+
+
+@register_noise("column", takes_rate=False, param="NAME", doc="a label column of the data (e.g. CIFAR-10N worse)")
+def _apply_column(data: ImageSet, rate: float, rng: np.random.Generator, *, arg: str, **_: object) -> NoiseResult:
+    if arg not in data.extra_labels:
         have = ", ".join(sorted(data.extra_labels)) or "none"
-        raise UserError(f"noise type {noise_type!r}: the data has no label column {name!r} (columns: {have})")
-    return given_noise(data.labels, data.extra_labels[name], c)
+        raise UserError(f"noise type {f'column:{arg}'!r}: the data has no label column {arg!r} (columns: {have})")
+    return given_noise(data.labels, data.extra_labels[arg], data.num_classes)

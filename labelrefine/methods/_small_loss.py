@@ -57,6 +57,7 @@ def resolve_tau(cfg, noise_rate: float, configured: float, *, key: str, halve_pa
 
     ``halve_pairflip``: JoCoR (Wei et al., CVPR 2020) uses τ/2 for pair-flip ("asymmetric")
     noise when τ comes from the noise rate; an explicit ``configured`` value is used as given.
+    ``cfg.data.noise`` is a canonical name: pass the Context's ``ctx.cfg`` (it resolved any alias).
 
     Raises:
         UserError: ``configured`` is neither -1 nor in [0, 1), or it is -1 and the noise type
@@ -73,7 +74,7 @@ def resolve_tau(cfg, noise_rate: float, configured: float, *, key: str, halve_pa
         raise UserError(f"config key {key!r}: -1 takes the forget rate from data.noise_rate, which "
                         f"data.noise={noise!r} does not use; set {key} to the expected noise rate")
     tau = float(noise_rate)
-    if halve_pairflip and noise in ("pairflip", "asymmetric"):
+    if halve_pairflip and noise == "pairflip":  # canonical: the Context resolved the alias asymmetric
         tau /= 2.0
     return tau
 

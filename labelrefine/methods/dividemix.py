@@ -181,6 +181,9 @@ def default_lambda_u(noise_rate: float, noise: str = "symmetric") -> float:
     * rate < 0.35: 0;
     * 0.35 <= rate < 0.7: 25;
     * rate >= 0.7: 150.
+
+    ``noise`` is a canonical noise type name (:func:`labelrefine.data.noise.resolve_noise_type`:
+    the Context's ``cfg.data.noise`` is one, ``asymmetric`` having become ``pairflip``).
     """
     if noise == "pairflip":
         return 0.0
