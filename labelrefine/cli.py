@@ -262,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_noise, _add_run, _add_clean, _add_bench, _add_predict):
+        add(sub)
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.set_defaults(func=cmd_methods)
+    return p
 
+
+def _add_noise(sub) -> None:
     n = sub.add_parser(
         "noise",
         help="inject label noise into a data set's training labels and report it",
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     n.set_defaults(func=cmd_noise)
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="train a method on a data set with label noise and write every artifact",
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(r, config_help="YAML config (default: built-in defaults)")
     r.set_defaults(func=cmd_run)
 
+
+def _add_clean(sub) -> None:
     c = sub.add_parser(
         "clean",
         help="find the wrong labels of your own data set: ranked labels.csv, report.html, model.pt",
@@ -303,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--show", type=int, default=10, metavar="K", help="print the top K suspects (default 10)")
     c.set_defaults(func=cmd_clean)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="run a benchmark suite (methods x noise settings x seeds) and write its results table",
@@ -322,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the built-in suites")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser(
         "predict",
         help="classify image files with a trained model.pt",
@@ -335,10 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     pr.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
     pr.set_defaults(func=cmd_predict)
-
-    m = sub.add_parser("methods", help="list the registered methods")
-    m.set_defaults(func=cmd_methods)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
