@@ -117,7 +117,7 @@ class JocorConfig:
     lam: float = 0.9  # co-regularisation weight lambda (Wei et al.: 0.9 CIFAR-10, 0.85 CIFAR-100)
     # JoCoR's own optimizer: the reference's Adam at lr 1e-3. With SGD at the shared optim.lr the
     # KL term (lambda 0.9) drives both nets to the same uniform output (digits: 16% test acc).
-    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference; optim = the shared optim section
+    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference (no weight decay); optim = the optim section
     lr: float = 0.001
     forget_rate: float = -1.0  # -1 = the noise rate (tau; tau/2 for pair-flip noise)
     num_gradual: int = 10

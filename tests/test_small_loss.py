@@ -30,7 +30,7 @@ SMALL_LOSS = ("coteaching", "jocor", "mentornet")
 
 
 def make_method(tiny_config, name: str, *overrides: str):
-    """A method on the tiny config's data, built the way ``labelrefine.run.run`` builds it."""
+    """A method on the tiny config's data, built the way ``labelrefine.pipeline.run`` builds it."""
     cfg = tiny_config(f"method={name}", "device=cpu", *overrides)
     prep = prepare_data(cfg, default_cache_dir(cfg))
     torch.manual_seed(cfg.seed)
@@ -171,6 +171,15 @@ def test_jocor_keeps_the_smallest_joint_loss_with_one_optimizer(tiny_config):
     expect = torch.zeros(m.ctx.n, dtype=torch.int64)
     expect[index[kept]] = 1
     assert torch.equal(m.counter.kept, expect)
+
+
+def test_jocor_optimizer_is_the_references_adam_without_weight_decay(tiny_config):
+    m = make_method(tiny_config, "jocor", "optim.weight_decay=0.0005")
+    (opt,) = [t.optimizer for t in m.trainers]
+    assert isinstance(opt, torch.optim.Adam)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0] and m.trainers[0].base_lr == pytest.approx(1e-3)
+    shared = make_method(tiny_config, "jocor", "jocor.optimizer=optim", "optim.weight_decay=0.0005")
+    assert [g["weight_decay"] for g in shared.trainers[0].optimizer.param_groups] == [0.0005]
 
 
 def test_jocor_halves_the_noise_rate_for_pairflip(tiny_config):

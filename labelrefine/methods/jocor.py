@@ -10,8 +10,9 @@ kept and ONE optimiser over both networks' parameters takes a step on their mean
 Co-teaching's schedule with ``τ = jocor.forget_rate``; -1 takes the requested noise rate,
 halved for pair-flip noise as in the reference code.
 
-Optimiser: the reference's Adam at lr 1e-3 (``jocor.optimizer=adam``, ``jocor.lr``) with the
-project's lr schedule; ``jocor.optimizer=optim`` uses the shared ``optim`` section instead.
+Optimiser: the reference's Adam at lr 1e-3 without weight decay (``jocor.optimizer=adam``,
+``jocor.lr``) with the project's lr schedule; ``jocor.optimizer=optim`` uses the shared ``optim``
+section (its optimizer, lr and weight decay) instead.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class JoCoR(SmallLossMethod):
                                halve_pairflip=True)
         # One learner over both networks: a single optimiser holds both networks' parameters.
         own = j.optimizer == "adam"
+        # The reference's Adam has no weight decay; jocor.optimizer=optim takes optim.weight_decay.
         self.trainers = [Learner(ctx, self.epochs, models=[ctx.new_model(), ctx.new_model()],
-                                 optimizer="adam" if own else None, lr=j.lr if own else None)]
+                                 optimizer="adam" if own else None, lr=j.lr if own else None,
+                                 weight_decay=0.0 if own else None)]
         self.nets = list(self.trainers[0].model)
         self.rate = 0.0
 
