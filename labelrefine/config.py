@@ -95,6 +95,12 @@ class RefineConfig:
     stage_loss: Literal["eval", "train"] = "eval"  # eval: a clean no-augmentation pass; train: losses of the epoch
     reinit: Literal["none", "ssl", "random"] = "none"  # re-initialise the model at each iteration's start
     augment_copies: bool = True  # add pseudo-labelled samples again as strongly augmented copies (papers)
+    # Which samples get a copy: every sample whose training label is a pseudo-label (from any
+    # iteration), or only those of the latest iteration's consensus (the behaviour before 0.1.1).
+    copies: Literal["pseudo_labelled", "latest"] = "pseudo_labelled"
+    # lr schedule: one cosine over warmup + all iterations, or a restart (a fresh cosine, same
+    # optimizer and weights) for the warmup and for each iteration (open question).
+    lr_schedule: Literal["continuous", "restart"] = "continuous"
     loss: Literal["ce", "weighted_ce"] = "ce"  # training loss inside the iterations
 
 

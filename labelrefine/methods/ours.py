@@ -39,7 +39,8 @@ class Ours(Method):
         model = ctx.new_model()
         self.ssl = SSLInit(ctx, model) if self.cfg.ssl.epochs > 0 else None
         self.main_epochs = r.warmup_epochs + refinement_epochs(self.cfg)
-        self.sup = Learner(ctx, self.main_epochs, model=model)
+        # lr_schedule=restart: the warmup has its own cosine, and each iteration restarts it.
+        self.sup = Learner(ctx, r.warmup_epochs if r.lr_schedule == "restart" else self.main_epochs, model=model)
         self.finetuner: Learner | None = None
         self.all = torch.arange(ctx.n, device=ctx.device)
         self.labels = self.given.clone()  # current training labels
@@ -81,7 +82,9 @@ class Ours(Method):
         if spec.phase == "refine" and spec.epoch == 1:
             self.history = StageHistory.empty(self.ctx.n, self.ctx.num_classes, self.ctx.device)
             if spec.iteration > 1 and r.reinit != "none":
-                self._reinit(spec.iteration)
+                self._reinit(spec.iteration)  # a fresh learner: its schedule starts over too
+            elif r.lr_schedule == "restart":
+                self.sup.progress, self.sup.total_epochs = 0.0, float(iteration_length(self.cfg, spec.iteration))
         if spec.phase == "finetune" and self.finetuner is None:
             self.finetuner = Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
                                      lr_scale=self.cfg.finetune.lr_scale)
@@ -145,7 +148,10 @@ class Ours(Method):
         logs = {"pseudo_labelled": int(mask.sum()), "labels_changed": int((new != self.labels).sum()),
                 "labels_differ_from_given": int((new != self.given).sum())}
         self.labels = new
-        self.copies = mask
+        # A copy for every sample that carries a pseudo-label: with keep_previous an earlier
+        # iteration's pseudo-label survives, so its copy does too (copies=pseudo_labelled).
+        keep = r.copies == "pseudo_labelled" and r.keep_previous
+        self.copies = mask | self.copies if keep else mask
         self._view["pseudo_mask"] = mask
         self.n_stages += self.history.n_selected
         self.history = None
