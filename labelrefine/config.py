@@ -42,8 +42,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18_cifar"  # registry name: preact_resnet18 (papers), resnet18_cifar, resnet34_cifar, tiny
-    width: int = 64  # base channel width of the resnet*_cifar backbones (16 = the 0.7 M-parameter CPU profile)
+    backbone: str = "resnet18_cifar"  # preact_resnet18 (papers), resnet18_cifar, resnet34_cifar, airbench, tiny
+    width: int = 64  # base width of resnet*_cifar (16 = the 0.7 M-param CPU profile) and airbench (64 = airbench94)
 
 
 @dataclass
