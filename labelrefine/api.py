@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .artifacts import LABEL_COLUMNS as LABEL_COLUMNS  # re-exported: the table's columns
 from .config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 from .data import DataSplits, ImageSet
 from .engine import resolve_device
@@ -28,7 +29,6 @@ from .errors import UserError
 
 log = logging.getLogger("labelrefine")
 
-LABEL_COLUMNS = ["id", "given_label", "refined_label", "label_quality", "is_label_issue", "n_stages_selected"]
 
 
 def auto_settings(n_train: int, image_size: tuple[int, int], channels: int, device_type: str) -> list[tuple[str, str]]:
@@ -210,22 +210,19 @@ def _class_list(names: Sequence[str]) -> str:
 
 
 def _train(images, labels, *, classes, test_images, test_labels, config, overrides, out, device, seed):
-    from .run import run
+    """Run the method; the :class:`~labelrefine.artifacts.RunResult`. Without ``out`` the run
+    directory is temporary and removed before returning (the result is in memory)."""
+    from .pipeline import run
 
     data = make_data(images, labels, classes=classes, test_images=test_images, test_labels=test_labels)
     cfg, _ = config_for(data.train, device=device, config=config,
                         overrides=["data.spec=array", f"seed={seed}", *overrides])
-    tmp = None
-    if out is None:
-        tmp = tempfile.mkdtemp(prefix="labelrefine-")
-        out = tmp
+    tmp = tempfile.mkdtemp(prefix="labelrefine-") if out is None else None
     try:
-        run(cfg, out, data=data)  # a directory that already holds a run is refused, never overwritten
-    except BaseException:
-        if tmp is not None:  # the caller gets the error, not a run directory to clean up
+        return run(cfg, tmp or out, data=data)  # a directory that already holds a run is refused, never overwritten
+    finally:
+        if tmp is not None:  # the caller gets the result (or the error), not a directory to clean up
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Path(out), tmp
 
 
 def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
@@ -248,21 +245,12 @@ def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None
     Returns:
         One row per image, suspected errors first: ``id`` (the image's position in ``images``,
         as in labels.csv), ``given_label``, ``refined_label`` (class names), ``label_quality``
-        (low = likely wrong), ``is_label_issue``, ``n_stages_selected``.
+        (low = likely wrong; unrounded, where labels.csv has 6 decimals), ``is_label_issue``,
+        ``n_stages_selected``. Built from the run's result in memory.
     """
-    import pandas as pd
-
-    path, tmp = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
-                       config=config, overrides=overrides, out=out, device=device, seed=seed)
-    try:
-        table = pd.read_csv(path / "labels.csv", dtype={"id": str, "given_label": str, "refined_label": str},
-                            keep_default_na=False)
-        table["is_label_issue"] = table["is_label_issue"].map({"True": True, "False": False, True: True,
-                                                               False: False}).astype(bool)
-        return table
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    result = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
+                    config=config, overrides=overrides, out=out, device=device, seed=seed)
+    return result.label_table()
 
 
 def fit(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_images: Any = None,
@@ -273,12 +261,5 @@ def fit(images: Any, labels: Any, *, classes: Sequence[str] | None = None, test_
     The model is the epoch with the best accuracy on the held-out (noisy) validation split;
     ``model.predict_proba(labelrefine.api.as_image_tensor(x))`` gives class probabilities.
     """
-    from .predict import load_model
-
-    path, tmp = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
-                       config=config, overrides=overrides, out=out, device=device, seed=seed)
-    try:
-        return load_model(path / "model.pt")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
+                  config=config, overrides=overrides, out=out, device=device, seed=seed).predictor

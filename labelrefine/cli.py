@@ -98,11 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --resume starts afresh.
     with claim(args.out):
         check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
-        from .run import run
+        from .pipeline import run
 
-        summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if result is None:  # a data-parallel rank other than 0: rank 0 reports
         return 0
+    summary = result.summary
     keys = ("final_test_acc", "best_val_acc", "best_val_test_acc", "train_label_acc_before", "train_label_acc_after")
     for key in keys:
         if summary.get(key) is not None:
@@ -114,7 +115,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    import csv
     from pathlib import Path
 
     from .config import load_config
@@ -127,7 +127,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
         from .api import config_for
         from .data.sources import load_data
-        from .run import default_cache_dir, run
+        from .pipeline import default_cache_dir, run
 
         data = load_data(args.data, cache_dir=default_cache_dir(probe))
         train = data.train
@@ -140,17 +140,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
             print("settings chosen for this data (override with --set KEY=VALUE):")
             for item, why in chosen:
                 print(f"  {item:<30} {why}")
-        summary = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, data=data)
-    if not summary:
+        result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, data=data)
+    if result is None:  # a data-parallel rank other than 0: rank 0 reports
         return 0
-    with open(Path(args.out) / "labels.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    flagged = [r for r in rows if r["is_label_issue"] == "True"]
-    print(f"suspected label errors: {len(flagged)} of {len(rows)} ({len(flagged) / max(len(rows), 1):.1%}, "
+    summary, rep = result.summary, result.labels
+    n = len(result.ids)
+    flagged = [i for i in result.order() if bool(rep.is_label_issue[i])]
+    print(f"suspected label errors: {len(flagged)} of {n} ({len(flagged) / max(n, 1):.1%}, "
           f"the estimated noise rate)")
-    for r in flagged[: args.show]:
-        print(f"  {r['id']}: given {r['given_label']!r}, suggested {r['refined_label']!r} "
-              f"(label quality {float(r['label_quality']):.3f})")
+    for i in flagged[: args.show]:
+        print(f"  {result.ids[i]}: given {result.classes[int(result.given[i])]!r}, suggested "
+              f"{result.classes[int(rep.refined_label[i])]!r} (label quality {float(rep.label_quality[i]):.3f})")
     if summary.get("final_test_acc") is not None:
         print(f"test accuracy (final epoch): {summary['final_test_acc']:.4f}; at the best noisy-val epoch: "
               f"{summary['best_val_test_acc']:.4f}")
@@ -262,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_noise, _add_run, _add_clean, _add_bench, _add_predict):
+        add(sub)
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.set_defaults(func=cmd_methods)
+    return p
 
+
+def _add_noise(sub) -> None:
     n = sub.add_parser(
         "noise",
         help="inject label noise into a data set's training labels and report it",
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     n.set_defaults(func=cmd_noise)
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="train a method on a data set with label noise and write every artifact",
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(r, config_help="YAML config (default: built-in defaults)")
     r.set_defaults(func=cmd_run)
 
+
+def _add_clean(sub) -> None:
     c = sub.add_parser(
         "clean",
         help="find the wrong labels of your own data set: ranked labels.csv, report.html, model.pt",
@@ -303,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--show", type=int, default=10, metavar="K", help="print the top K suspects (default 10)")
     c.set_defaults(func=cmd_clean)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="run a benchmark suite (methods x noise settings x seeds) and write its results table",
@@ -322,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the built-in suites")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_predict(sub) -> None:
     pr = sub.add_parser(
         "predict",
         help="classify image files with a trained model.pt",
@@ -335,10 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     pr.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass (default 256)")
     pr.set_defaults(func=cmd_predict)
-
-    m = sub.add_parser("methods", help="list the registered methods")
-    m.set_defaults(func=cmd_methods)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

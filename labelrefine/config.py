@@ -42,8 +42,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18_cifar"  # registry name: preact_resnet18 (papers), resnet18_cifar, resnet34_cifar, tiny
-    width: int = 64  # base channel width of the resnet*_cifar backbones (16 = the 0.7 M-parameter CPU profile)
+    backbone: str = "resnet18_cifar"  # preact_resnet18 (papers), resnet18_cifar, resnet34_cifar, airbench, tiny
+    width: int = 64  # base width of resnet*_cifar (16 = the 0.7 M-param CPU profile) and airbench (64 = airbench94)
 
 
 @dataclass
@@ -95,6 +95,12 @@ class RefineConfig:
     stage_loss: Literal["eval", "train"] = "eval"  # eval: a clean no-augmentation pass; train: losses of the epoch
     reinit: Literal["none", "ssl", "random"] = "none"  # re-initialise the model at each iteration's start
     augment_copies: bool = True  # add pseudo-labelled samples again as strongly augmented copies (papers)
+    # Which samples get a copy: every sample whose training label is a pseudo-label (from any
+    # iteration), or only those of the latest iteration's consensus (the behaviour before 0.1.1).
+    copies: Literal["pseudo_labelled", "latest"] = "pseudo_labelled"
+    # lr schedule: one cosine over warmup + all iterations, or a restart (a fresh cosine, same
+    # optimizer and weights) for the warmup and for each iteration (open question).
+    lr_schedule: Literal["continuous", "restart"] = "continuous"
     loss: Literal["ce", "weighted_ce"] = "ce"  # training loss inside the iterations
 
 
@@ -117,7 +123,7 @@ class JocorConfig:
     lam: float = 0.9  # co-regularisation weight lambda (Wei et al.: 0.9 CIFAR-10, 0.85 CIFAR-100)
     # JoCoR's own optimizer: the reference's Adam at lr 1e-3. With SGD at the shared optim.lr the
     # KL term (lambda 0.9) drives both nets to the same uniform output (digits: 16% test acc).
-    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference; optim = the shared optim section
+    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference (no weight decay); optim = the optim section
     lr: float = 0.001
     forget_rate: float = -1.0  # -1 = the noise rate (tau; tau/2 for pair-flip noise)
     num_gradual: int = 10

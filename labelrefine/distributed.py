@@ -1,18 +1,20 @@
 """Data-parallel training over processes: ``torchrun --nproc_per_node=N -m labelrefine run ...``.
 
-The algorithm is PyTorch DDP's: every rank holds the same model, computes gradients on its own
-part of each global batch, and the gradients are averaged with one all-reduce per step before
-the optimizer step, so the weights stay identical on every rank. It is done here with explicit
-collectives (:func:`all_reduce_grads`) instead of the ``DistributedDataParallel`` wrapper so
-that methods keep plain modules (their state dicts, the SimCLR encoder cache and the two-net
-baselines need no ``module.`` prefixes and no wrapper-aware code).
+Every network a method trains is wrapped in PyTorch's ``DistributedDataParallel`` (:func:`wrap`,
+called by :class:`~labelrefine.engine.optim.Learner`): every rank holds the same model, computes
+gradients on its own part of each global batch, and DDP averages them over ranks in buckets while
+the backward pass is still running, so the communication overlaps the computation and the
+weights stay identical on every rank. Methods call the wrapped modules in training forwards
+(``learner.nets``) and the plain modules everywhere else (evaluation, state dicts, the SimCLR
+encoder cache), so nothing outside the training step sees a ``module.`` prefix.
 
 Sharding: rank ``r`` of ``w`` owns the training samples whose global index ``i`` has
 ``i % w == r`` and keeps only their images on its device. Everything that decides over the data
 set - stage losses, selections, consensus, DivideMix's GMM, the label report - works on logits
 gathered from every rank in global order (:func:`gather_rows`), so those decisions are global,
 and every rank holds the same (global) label state. BatchNorm running statistics are averaged
-over ranks before every whole-set evaluation (:func:`average_buffers`).
+over ranks before every whole-set evaluation (:func:`average_buffers`; DDP's own
+``broadcast_buffers`` is off, it would overwrite them with rank 0's at every forward).
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a no-op.
 """
@@ -127,16 +129,17 @@ def _mean_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.split(flat, [t.numel() for t in tensors]))
 
 
-def all_reduce_grads(params) -> None:
-    """Average the gradients of ``params`` over ranks with one flat all-reduce (DDP's step)."""
-    if not enabled():
-        return
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p, mean in zip(params, _mean_over_ranks(grads), strict=True):
-        p.grad = mean.view_as(p).clone()
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` under torchrun (a collective: every rank wraps the
+    same modules in the same order); ``module`` itself otherwise, or when nothing in it trains."""
+    if not enabled() or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(device)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def average_buffers(module: nn.Module) -> None:

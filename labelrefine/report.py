@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .io import write_bytes, write_text
+from .methods.base import LabelReport
 
 # Background shades of the training-curve phases: these keep their colours; every other phase a
 # registered method declares (Method.phases) gets the next of PHASE_PALETTE, in registry order.
@@ -68,7 +69,7 @@ def _shade_phases(ax, records: list[dict]) -> None:
             start = None
 
 
-def make_plots(records: list[dict], rep: dict, given: torch.Tensor, classes: list[str]) -> dict[str, bytes]:
+def make_plots(records: list[dict], rep: LabelReport, given: torch.Tensor, classes: list[str]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,7 @@ def make_plots(records: list[dict], rep: dict, given: torch.Tensor, classes: lis
         pngs["labels.png"] = _png(fig)
         plt.close(fig)
     c = len(classes)
-    conf = torch.bincount(given.cpu() * c + rep["refined_label"].cpu(), minlength=c * c).reshape(c, c)
+    conf = torch.bincount(given.cpu() * c + rep.refined_label.cpu(), minlength=c * c).reshape(c, c)
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * c, 12), min(1.6 + 0.45 * c, 11)))
     im = ax.imshow(conf.numpy(), cmap="Blues")
     if c <= 20:
@@ -144,8 +145,8 @@ def suspect_order(rep: dict) -> list[int]:
 
     Ties keep the sample order, so this is the order of the flagged rows of ``labels.csv``.
     """
-    order = torch.argsort(rep["label_quality"].cpu(), stable=True)
-    flagged = rep["is_label_issue"].cpu().bool()[order]
+    order = torch.argsort(rep.label_quality.cpu(), stable=True)
+    flagged = rep.is_label_issue.cpu().bool()[order]
     return order[flagged].tolist()
 
 
@@ -217,12 +218,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _summary_section(summary: dict, rep: dict, given: torch.Tensor, classes: list[str],
+def _summary_section(summary: dict, rep: LabelReport, given: torch.Tensor, classes: list[str],
                      pngs: dict[str, bytes]) -> tuple[str, bool]:
     """The summary section; returns it and whether it embedded ``confusion.png`` (many classes)."""
     n = len(given)
-    flagged = rep["is_label_issue"].cpu().bool()
-    refined = rep["refined_label"].cpu()
+    flagged = rep.is_label_issue.cpu().bool()
+    refined = rep.refined_label.cpu()
     changed = int((refined != given.cpu()).sum())
     est = float(flagged.double().mean()) if n else 0.0
     facts = [
@@ -280,7 +281,7 @@ is mislabelled.</p>
     return section, used_png
 
 
-def _gallery_section(rep: dict, given: torch.Tensor, classes: list[str], images: torch.Tensor, ids: list[str],
+def _gallery_section(rep: LabelReport, given: torch.Tensor, classes: list[str], images: torch.Tensor, ids: list[str],
                      top_k: int, predict_logits: Callable[[torch.Tensor], torch.Tensor] | None) -> str:
     suspects = suspect_order(rep)
     n_flagged = len(suspects)
@@ -289,8 +290,8 @@ def _gallery_section(rep: dict, given: torch.Tensor, classes: list[str], images:
         body = ("<p>The method flagged no training label as a likely error, so there is nothing to show."
                 if n_flagged == 0 else "<p>The gallery is switched off (top_k = 0).") + "</p>"
         return f'<section id="gallery"><h2>Suspected label errors</h2>{body}</section>'
-    refined = rep["refined_label"].cpu()
-    quality = rep["label_quality"].cpu()
+    refined = rep.refined_label.cpu()
+    quality = rep.label_quality.cpu()
     idx = torch.tensor(shown, dtype=torch.long)
     if predict_logits is not None:
         with torch.no_grad():
@@ -336,7 +337,7 @@ figure.suspect .sid{color:#666}figure.suspect .suggested{font-weight:600}
 details{margin:1em 0}summary{cursor:pointer}"""
 
 
-def build_html(summary: dict, rep: dict, given: torch.Tensor, classes: list[str], images: torch.Tensor,
+def build_html(summary: dict, rep: LabelReport, given: torch.Tensor, classes: list[str], images: torch.Tensor,
                ids: list[str], pngs: dict[str, bytes], *, top_k: int = 48,
                predict_logits: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
     """The text of ``report.html`` (see :func:`write_report`)."""
@@ -358,14 +359,14 @@ def build_html(summary: dict, rep: dict, given: torch.Tensor, classes: list[str]
 """
 
 
-def write_report(out: Path, summary: dict, rep: dict, given: torch.Tensor, classes: list[str],
+def write_report(out: Path, summary: dict, rep: LabelReport, given: torch.Tensor, classes: list[str],
                  images: torch.Tensor, ids: list[str], *, top_k: int = 48,
                  predict_logits: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Write the PNGs and ``report.html`` (every image embedded as a data URI) into ``out``.
 
     Args:
         summary: the run's ``summary.json`` dict.
-        rep: the method's ``label_report()`` (``refined_label``, ``label_quality``, ``is_label_issue``).
+        rep: the method's :class:`~labelrefine.methods.base.LabelReport`.
         given: ``(N,)`` the given (noisy) training labels; classes: the class names.
         images: uint8 ``(N, C, H, W)`` training images and ``ids`` their ids, in the order of ``rep``.
         top_k: how many suspected label errors the gallery shows.
@@ -373,9 +374,9 @@ def write_report(out: Path, summary: dict, rep: dict, given: torch.Tensor, class
             confidence is the model's probability of the suggested label; without, 1 − label_quality.
     """
     out = Path(out)
-    if not len(images) == len(ids) == len(given) == len(rep["refined_label"]):
+    if not len(images) == len(ids) == len(given) == len(rep.refined_label):
         raise ValueError(f"write_report: {len(images)} images, {len(ids)} ids, {len(given)} labels and "
-                         f"{len(rep['refined_label'])} report rows differ")
+                         f"{len(rep.refined_label)} report rows differ")
     pngs = make_plots(_read_metrics(out), rep, given, classes)
     for name, data in pngs.items():
         write_bytes(out / name, data)  # atomic: a kill never leaves a truncated PNG

@@ -6,7 +6,7 @@
 1. Loads the training split of ``--data`` (default PneumoniaMNIST) and injects IDN noise
    (``--rate``, default 20%) with ``--seed``. The injected errors (noisy != clean) are the ground
    truth of this evaluation; clean labels go nowhere else.
-2. ``ours``: ``labelrefine.run.run`` on the noisy labels with the settings ``labelrefine clean``
+2. ``ours``: ``labelrefine.pipeline.run`` on the noisy labels with the settings ``labelrefine clean``
    chooses (:func:`labelrefine.api.auto_settings`) and ``data.noise=none``. The run holds out
    ``data.val_fraction`` of the samples as a noisy validation split, so its ``labels.csv`` covers
    only the rest: both tools are measured on exactly those samples.
@@ -43,9 +43,9 @@ from labelrefine.config import load_config
 from labelrefine.data import DataSplits, ImageSet
 from labelrefine.data.noise import apply_noise
 from labelrefine.data.sources import load_data
-from labelrefine.methods.ce import supervised_budget
+from labelrefine.methods.schedule import supervised_budget
+from labelrefine.pipeline import code_version, default_cache_dir, run
 from labelrefine.predict import load_model
-from labelrefine.run import code_version, default_cache_dir, run
 
 log = logging.getLogger("labelrefine")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from labelrefine.config import load_config
 from labelrefine.methods import list_methods
-from labelrefine.run import run
+from labelrefine.pipeline import run
 
 
 def main() -> int:

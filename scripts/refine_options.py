@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from labelrefine.config import load_config
-from labelrefine.run import run
+from labelrefine.pipeline import run
 
 # Every variant before the 0.3 row ran with threshold 1.0 (the papers' value, then the default).
 P1 = ["refine.threshold=1.0", "refine.loss_target=prediction"]

@@ -10,7 +10,8 @@ from labelrefine.errors import UserError
 from labelrefine.models import BACKBONES, Classifier, create_backbone, list_backbones
 
 # Small widths keep the loop over the registry fast; the paper-size nets are checked separately.
-FAST_KWARGS = {"resnet18_cifar": {"width": 8}, "resnet34_cifar": {"width": 8}, "preact_resnet18": {"width": 8}}
+FAST_KWARGS = {"resnet18_cifar": {"width": 8}, "resnet34_cifar": {"width": 8}, "preact_resnet18": {"width": 8},
+               "airbench": {"width": 8}}
 
 
 def _n_params(m: torch.nn.Module) -> int:

@@ -30,8 +30,8 @@ from PIL import Image
 
 from labelrefine import store
 from labelrefine.cli import main
+from labelrefine.engine.checkpoint import CHECKPOINT_FORMAT
 from labelrefine.predict import MODEL_FORMAT
-from labelrefine.run import CHECKPOINT_FORMAT
 
 # The config of the fixture runs: a resume with exactly these settings matches their checkpoints.
 RUN_SETS = [*TINY, "method=ce", "epochs=1", "ssl.epochs=0"]

@@ -118,7 +118,7 @@ def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a cached run was run again")
 
-    monkeypatch.setattr("labelrefine.run.run", boom)
+    monkeypatch.setattr("labelrefine.pipeline.run", boom)
     csv_before = (out / "results.csv").read_text()
     rows2 = run_suite(suite, out, seeds=1, command="labelrefine bench tiny")
     assert [r["final_test_acc"] for r in rows2] == [r["final_test_acc"] for r in rows]
@@ -132,14 +132,14 @@ def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypa
     out = tmp_path / "suite"
     runs = plan(suite, out, seeds=1)
     # A run killed after its first checkpoint: the suite resumes it.
-    from labelrefine.run import run
+    from labelrefine.pipeline import run
 
     run_suite(suite, out, seeds=1, command="x")
     summary = runs[1].out / "summary.json"
     summary.unlink()
     assert bench._status(runs[1]) == "resume"
     calls = []
-    monkeypatch.setattr("labelrefine.run.run", lambda cfg, o, **k: calls.append(k) or run(cfg, o, **k))
+    monkeypatch.setattr("labelrefine.pipeline.run", lambda cfg, o, **k: calls.append(k) or run(cfg, o, **k))
     run_suite(suite, out, seeds=1, command="x")
     assert calls == [{"resume": True, "overwrite": False}]
     # The same directory with another config: refused, then re-run with --overwrite.
@@ -159,7 +159,7 @@ def test_run_stopped_before_its_report_is_resumed_not_cached(tmp_path, monkeypat
     out = tmp_path / "suite"
     first = plan(suite, out, seeds=1)[0]
     from labelrefine import report
-    from labelrefine.run import run
+    from labelrefine.pipeline import run
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

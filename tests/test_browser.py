@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from labelrefine.run import run
+from labelrefine.pipeline import run
 
 #: The whole browser session (start, load, checks, screenshot) must finish within this many seconds.
 BROWSER_DEADLINE_S = 30.0

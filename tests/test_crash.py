@@ -18,7 +18,7 @@ from conftest import TINY
 from PIL import Image
 
 from labelrefine.errors import TrainingDiverged
-from labelrefine.run import run
+from labelrefine.pipeline import run
 from labelrefine.rundir import LOCK_NAME, RUN_FILES
 
 

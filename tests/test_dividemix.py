@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from labelrefine.config import config_to_dict
-from labelrefine.engine import Context
+from labelrefine.data.splits import prepare_data
+from labelrefine.engine import Context, EpochSpec, Trainer
 from labelrefine.losses import sharpen
 from labelrefine.methods import get_method
 from labelrefine.methods.dividemix import (
@@ -24,7 +25,7 @@ from labelrefine.methods.dividemix import (
     lambda_u_at,
     uniform_prior_penalty,
 )
-from labelrefine.run import default_cache_dir, prepare_data
+from labelrefine.pipeline import default_cache_dir
 from labelrefine.store import check_plain
 
 # -- pure pieces --------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _drive(method, specs, started: bool = False) -> list[dict]:
         if spec.supervised and not started:
             method.on_supervised_start()
             started = True
-        logs.append(method.run_epoch(spec))
+        logs.append(Trainer(method.ctx, method).run_epoch(spec))
     return logs
 
 
@@ -167,31 +168,32 @@ def test_dividemix_trains_logs_and_resumes_exactly(tiny_config):
     m2 = DivideMix(ctx)
     m2.load_state_dict(_roundtrip(m.state_dict()))
     assert torch.equal(m.predict_logits(ctx.x), m2.predict_logits(ctx.x))
-    for key, value in m.label_report().items():
-        assert torch.equal(value, m2.label_report()[key]), key
+    for key, value in m.label_report().as_dict().items():
+        assert torch.equal(value, m2.label_report().as_dict()[key]), key
     # The next epoch from the restored state (and RNG) is the same epoch, bit for bit.
     rng = (torch.get_rng_state(), ctx.generator.get_state())
-    m.run_epoch(specs[1])
+    Trainer(m.ctx, m).run_epoch(specs[1])
     torch.set_rng_state(rng[0])
     ctx.generator.set_state(rng[1])
-    m2.run_epoch(specs[1])
+    Trainer(m2.ctx, m2).run_epoch(specs[1])
     assert torch.equal(m.predict_logits(ctx.x), m2.predict_logits(ctx.x))
 
     rep = m.label_report()
-    assert torch.equal(rep["is_label_issue"], rep["label_quality"] < 0.5)
-    assert torch.equal(rep["label_quality"], m.prob.mean(0))
+    assert torch.equal(rep.is_label_issue, rep.label_quality < 0.5)
+    assert torch.equal(rep.label_quality, m.prob.mean(0))
 
 
 def test_dividemix_edge_cases_empty_splits(tiny_config):
     ctx = _context(tiny_config("method=dividemix", "dividemix.lambda_u=25", "dividemix.rampup_epochs=0"))
     m = DivideMix(ctx)
-    everything = torch.ones(ctx.n, dtype=torch.bool)
-    w = torch.ones(ctx.n)
-    only_labelled = m._mixmatch_epoch(0, everything, w)
-    assert only_labelled["labelled"] == ctx.n and only_labelled["lu"] == 0.0
-    only_unlabelled = m._mixmatch_epoch(1, ~everything, w)
-    assert only_unlabelled["labelled"] == 0 and only_unlabelled["lx"] == 0.0
-    assert only_unlabelled["steps"] == -(-ctx.n // ctx.cfg.optim.batch_size)  # one pass over the set
+    # Net 2's GMM calls everything clean (net 1 trains on all of it, labelled), net 1's nothing.
+    m.prob = torch.stack([torch.zeros(ctx.n), torch.ones(ctx.n)])
+    trainer = Trainer(ctx, m)
+    parts = [trainer.run_pass(p) for p in m.passes(EpochSpec("train", 0, 1))]
+    logs = m.on_epoch_end(EpochSpec("train", 0, 1), parts)
+    assert logs["labelled_net1"] == ctx.n and logs["lu_net1"] == 0.0
+    assert logs["labelled_net2"] == 0 and logs["lx_net2"] == 0.0
+    assert logs["steps_net2"] == -(-ctx.n // ctx.cfg.optim.batch_size)  # one pass over the set
 
 
 def test_dividemix_refuses_refined_without_ours(tiny_config):
@@ -216,16 +218,16 @@ def test_ours_dividemix_composes_and_starts_from_the_encoder(tiny_config, monkey
     refined = m.ours.labels.clone()
 
     seen = {}
-    original = DivideMix._warmup_epoch
+    original = DivideMix.on_epoch_start
 
-    def spy(self):
+    def spy(self, spec):
         if not seen:  # before the first DivideMix step
             seen.update({k: _first_conv(s.model) for k, s in enumerate(self.sups)})
             seen["labels"] = self.labels.clone()
             seen["fc"] = [s.model.fc.weight.detach().clone() for s in self.sups]
-        return original(self)
+        return original(self, spec)
 
-    monkeypatch.setattr(DivideMix, "_warmup_epoch", spy)
+    monkeypatch.setattr(DivideMix, "on_epoch_start", spy)
     state = _roundtrip(m.state_dict())  # before DivideMix starts: the encoder snapshot is in it
     rng = (torch.get_rng_state(), ctx.generator.get_state())
     _drive(m, specs[6:7], started=True)
@@ -249,10 +251,10 @@ def test_ours_dividemix_composes_and_starts_from_the_encoder(tiny_config, monkey
     m3.load_state_dict(_roundtrip(m.state_dict()))
     assert torch.equal(m.predict_logits(ctx.x), m3.predict_logits(ctx.x))
     rep = m.label_report()
-    assert set(rep) == {"refined_label", "label_quality", "is_label_issue", "n_stages_selected"}
+    assert set(rep.as_dict()) == {"refined_label", "label_quality", "is_label_issue", "n_stages_selected"}
     changed = m.dm.labels != m.given
-    assert bool((rep["label_quality"][changed] == 0).all()) and bool(rep["is_label_issue"][changed].all())
-    assert torch.equal(rep["n_stages_selected"], m.ours.n_stages)
+    assert bool((rep.label_quality[changed] == 0).all()) and bool(rep.is_label_issue[changed].all())
+    assert torch.equal(rep.n_stages_selected, m.ours.n_stages)
 
 
 @pytest.mark.parametrize("init", ["random", "refined"])

@@ -27,8 +27,8 @@ from labelrefine.cli import main
 from labelrefine.config import load_config
 from labelrefine.data.sources import load_data
 from labelrefine.engine import Context
+from labelrefine.methods.simclr import encoder_cache_path, load_cached_encoder, save_cached_encoder
 from labelrefine.models import create_backbone
-from labelrefine.ssl import encoder_cache_path, load_cached_encoder, save_cached_encoder
 
 SETS = [f"--set={s}" for s in [*TINY, "method=ce", "epochs=1", "ssl.epochs=0"]]
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True,

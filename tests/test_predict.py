@@ -13,8 +13,8 @@ from PIL import Image
 
 from labelrefine.cli import main
 from labelrefine.config import load_config
+from labelrefine.pipeline import run
 from labelrefine.predict import MODEL_FORMAT, load_model
-from labelrefine.run import run
 from labelrefine.store import load as store_load
 from labelrefine.store import save as store_save
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from labelrefine.methods.base import LabelReport
+from labelrefine.pipeline import run
 from labelrefine.report import FIXED_PHASE_COLORS, MATRIX_TABLE_MAX_CLASSES, phase_colors, write_report
-from labelrefine.run import run
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -93,7 +94,7 @@ def _no_external(text: str) -> None:
 def test_report_of_a_tiny_run(tiny_config, tmp_path):
     # threshold 2.5: the tiny model is weak, so the default threshold would relabel nothing
     cfg = tiny_config("method=ours", "refine.threshold=2.5")
-    summary = run(cfg, tmp_path / "out")
+    summary = run(cfg, tmp_path / "out").summary
     text = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>")
     page = Page(text)
@@ -141,7 +142,7 @@ def test_report_of_a_tiny_run(tiny_config, tmp_path):
 NASTY = ['<b>cat</b>', 'a&b', 'say "hi"']
 
 
-def _rep(n: int, c: int, issues: list[int]) -> dict:
+def _rep(n: int, c: int, issues: list[int]) -> tuple[LabelReport, torch.Tensor]:
     given = torch.arange(n) % c
     refined = given.clone()
     flags = torch.zeros(n, dtype=torch.bool)
@@ -149,8 +150,7 @@ def _rep(n: int, c: int, issues: list[int]) -> dict:
         refined[i] = (given[i] + 1) % c
         flags[i] = True
     quality = torch.linspace(0.9, 0.1, n)  # later samples look worse
-    return {"refined_label": refined, "label_quality": quality, "is_label_issue": flags,
-            "n_stages_selected": torch.zeros(n, dtype=torch.long)}, given
+    return LabelReport(refined, quality, flags, torch.zeros(n, dtype=torch.long)), given
 
 
 def test_html_escapes_names_and_ids(tmp_path):
@@ -168,9 +168,9 @@ def test_html_escapes_names_and_ids(tmp_path):
     # Flagged 10 and 5 (lowest quality first), cut to top_k = 2; captions round-trip exactly.
     assert [f["spans"]["sid"] for f in page.figures] == [ids[10], ids[5]]
     assert page.figures[0]["spans"]["given"] == f"given: {NASTY[int(given[10])]}"
-    assert page.figures[0]["spans"]["suggested"] == f"suggested: {NASTY[int(rep['refined_label'][10])]}"
+    assert page.figures[0]["spans"]["suggested"] == f"suggested: {NASTY[int(rep.refined_label[10])]}"
     name, value = page.figures[0]["spans"]["conf"].split(": ")
-    assert name == "1 − quality" and float(value) == pytest.approx(1 - float(rep["label_quality"][10]), abs=1e-3)
+    assert name == "1 − quality" and float(value) == pytest.approx(1 - float(rep.label_quality[10]), abs=1e-3)
     assert _png(page.figures[0]["src"]).size == (84, 84) and _png(page.figures[0]["src"]).mode == "RGB"
     joined = "".join(page.texts)
     for name in NASTY:

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from labelrefine.engine import Trainer
+from labelrefine.engine.checkpoint import CHECKPOINT_FORMAT
 from labelrefine.errors import UserError
 from labelrefine.methods import get_method
-from labelrefine.run import CHECKPOINT_FORMAT, run
+from labelrefine.pipeline import run
 from labelrefine.store import save as store_save
 
 
@@ -17,18 +19,18 @@ class _Stop(Exception):
 
 
 def _interrupt_at(monkeypatch, method: str, at_epoch: int) -> None:
-    """Make the method raise when it reaches its ``at_epoch``-th epoch (1-based)."""
-    cls = get_method(method)
-    original = cls.run_epoch
+    """Make the run raise when the Trainer reaches ``method``'s ``at_epoch``-th epoch (1-based)."""
+    original = Trainer.run_epoch
     calls = {"n": 0}
 
     def run_epoch(self, spec):
-        calls["n"] += 1
-        if calls["n"] == at_epoch:
-            raise _Stop
+        if isinstance(self.method, get_method(method)):
+            calls["n"] += 1
+            if calls["n"] == at_epoch:
+                raise _Stop
         return original(self, spec)
 
-    monkeypatch.setattr(cls, "run_epoch", run_epoch)
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
 
 
 def _summary(out):

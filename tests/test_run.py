@@ -11,7 +11,8 @@ import yaml
 from labelrefine.config import config_from_dict
 from labelrefine.errors import UserError
 from labelrefine.methods import METHODS, list_methods
-from labelrefine.run import MODEL_FORMAT, run
+from labelrefine.pipeline import run
+from labelrefine.predict import MODEL_FORMAT
 from labelrefine.store import load as store_load
 
 list_methods()  # import every method module so METHODS is complete at collection time
@@ -53,14 +54,14 @@ def _check_artifacts(out, cfg, n_train: int) -> dict:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_end_to_end(name, tiny_config, tmp_path):
     cfg = tiny_config(f"method={name}")
-    summary = run(cfg, tmp_path / "out")
+    summary = run(cfg, tmp_path / "out").summary
     _check_artifacts(tmp_path / "out", cfg, summary["n_train"])
     assert summary["method"] == name
 
 
 def test_ours_refines_and_reports_stages(tiny_config, tmp_path):
     cfg = tiny_config("refine.loss_target=prediction")
-    summary = run(cfg, tmp_path / "out")
+    summary = run(cfg, tmp_path / "out").summary
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     phases = [r["phase"] for r in records]
     assert phases == ["ssl"] + ["warmup"] + ["refine"] * 4 + ["finetune"]
@@ -76,11 +77,12 @@ def test_ours_refines_and_reports_stages(tiny_config, tmp_path):
 
 def test_model_pt_loads_without_training_code(tiny_config, tmp_path):
     """model.pt holds the best-noisy-val weights: its test accuracy is the one the summary reports."""
+    from labelrefine.data.splits import prepare_data
+    from labelrefine.pipeline import default_cache_dir
     from labelrefine.predict import load_model
-    from labelrefine.run import default_cache_dir, prepare_data
 
     cfg = tiny_config("method=ce", "epochs=2")
-    summary = run(cfg, tmp_path / "out")
+    summary = run(cfg, tmp_path / "out").summary
     predictor = load_model(tmp_path / "out" / "model.pt")
     test = prepare_data(cfg, default_cache_dir(cfg)).test
     acc = float((predictor.predict_proba(test.images).argmax(1) == test.labels).double().mean())
@@ -123,8 +125,8 @@ def test_overwrite_leaves_nothing_of_the_old_run(tiny_config, tmp_path):
 
 def test_same_seed_same_run(tiny_config, tmp_path):
     cfg = tiny_config("method=ours", "refine.loss_target=prediction")
-    a = run(cfg, tmp_path / "a")
-    b = run(cfg, tmp_path / "b")
+    a = run(cfg, tmp_path / "a").summary
+    b = run(cfg, tmp_path / "b").summary
     assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
     assert a["final_test_acc"] == b["final_test_acc"]
 
@@ -136,8 +138,9 @@ def test_schedule_uses_only_the_phases_the_method_declares(name, extra, tiny_con
     must be declared there."""
     import torch
 
+    from labelrefine.data.splits import prepare_data
     from labelrefine.engine import Context
-    from labelrefine.run import default_cache_dir, prepare_data
+    from labelrefine.pipeline import default_cache_dir
 
     cfg = tiny_config(f"method={name}", "device=cpu", *extra)
     prep = prepare_data(cfg, default_cache_dir(cfg))

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from labelrefine.config import config_to_dict
-from labelrefine.engine import Context, EpochSpec, resolve_device
+from labelrefine.data.splits import prepare_data
+from labelrefine.engine import Context, EpochSpec, Trainer, resolve_device
 from labelrefine.errors import UserError
 from labelrefine.methods import get_method
 from labelrefine.methods._small_loss import (
@@ -22,14 +23,14 @@ from labelrefine.methods._small_loss import (
     small_loss_index,
 )
 from labelrefine.methods.mentornet import pd_weights, update_moving_percentile
-from labelrefine.run import default_cache_dir, prepare_data
+from labelrefine.pipeline import default_cache_dir
 from labelrefine.store import check_plain
 
 SMALL_LOSS = ("coteaching", "jocor", "mentornet")
 
 
 def make_method(tiny_config, name: str, *overrides: str):
-    """A method on the tiny config's data, built the way ``labelrefine.run.run`` builds it."""
+    """A method on the tiny config's data, built the way ``labelrefine.pipeline.run`` builds it."""
     cfg = tiny_config(f"method={name}", "device=cpu", *overrides)
     prep = prepare_data(cfg, default_cache_dir(cfg))
     torch.manual_seed(cfg.seed)
@@ -105,7 +106,7 @@ def test_coteaching_updates_each_net_on_its_peers_selection(tiny_config):
     assert not torch.equal(next(m.nets[0].parameters()), next(m.nets[1].parameters()))  # different inits
     before = [copy.deepcopy(net) for net in m.nets]
     batch_state = ctx.generator.get_state()
-    logs = m.run_epoch(EpochSpec("train", 0, 1))
+    logs = Trainer(m.ctx, m).run_epoch(EpochSpec("train", 0, 1))
     assert logs["forget_rate"] == pytest.approx(0.5)
     assert logs["kept_fraction"] == pytest.approx(int(0.5 * ctx.n) / ctx.n)
 
@@ -172,10 +173,19 @@ def test_jocor_keeps_the_smallest_joint_loss_with_one_optimizer(tiny_config):
     assert torch.equal(m.counter.kept, expect)
 
 
+def test_jocor_optimizer_is_the_references_adam_without_weight_decay(tiny_config):
+    m = make_method(tiny_config, "jocor", "optim.weight_decay=0.0005")
+    (opt,) = [t.optimizer for t in m.trainers]
+    assert isinstance(opt, torch.optim.Adam)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0] and m.trainers[0].base_lr == pytest.approx(1e-3)
+    shared = make_method(tiny_config, "jocor", "jocor.optimizer=optim", "optim.weight_decay=0.0005")
+    assert [g["weight_decay"] for g in shared.trainers[0].optimizer.param_groups] == [0.0005]
+
+
 def test_jocor_halves_the_noise_rate_for_pairflip(tiny_config):
     m = make_method(tiny_config, "jocor", "data.noise=pairflip", "data.noise_rate=0.4")
     assert m.tau == pytest.approx(0.2)
-    assert m.run_epoch(EpochSpec("train", 0, 1))["forget_rate"] == 0.0  # r(0) = 0
+    assert Trainer(m.ctx, m).run_epoch(EpochSpec("train", 0, 1))["forget_rate"] == 0.0  # r(0) = 0
 
 
 # -- MentorNet-PD ---------------------------------------------------------------------------------
@@ -217,7 +227,7 @@ def test_mentornet_burn_in_is_plain_ce_then_pd_weighting(tiny_config):
     seen = torch.zeros(m.ctx.n, dtype=torch.int64)
     seen[:8] = 1
     assert torch.equal(m.counter.seen, seen) and torch.equal(m.counter.kept[:8], v.long())
-    quality = m.label_report()["label_quality"]
+    quality = m.label_report().label_quality
     torch.testing.assert_close(quality[:8], v)  # 1 - fraction of post-burn-in epochs with weight 0
 
 
@@ -236,21 +246,21 @@ def _roundtrip(state: dict) -> dict:
 @pytest.mark.parametrize("name", SMALL_LOSS)
 def test_state_round_trip_resumes_exactly(name, tiny_config):
     a = make_method(tiny_config, name, "optim.batch_size=128", "mentornet.burn_in=0.34")
-    logs = a.run_epoch(EpochSpec("train", 0, 1))
+    logs = Trainer(a.ctx, a).run_epoch(EpochSpec("train", 0, 1))
     assert {"loss", "lr", "kept_fraction"} <= set(logs)
     state = _roundtrip(a.state_dict())
     b = get_method(name)(a.ctx)  # a fresh instance: new random weights
     assert not torch.equal(a.predict_logits(a.ctx.x), b.predict_logits(a.ctx.x))
     b.load_state_dict(state)
     assert torch.equal(a.predict_logits(a.ctx.x), b.predict_logits(a.ctx.x))
-    for key, value in a.label_report().items():
-        assert torch.equal(value, b.label_report()[key]), key
+    for key, value in a.label_report().as_dict().items():
+        assert torch.equal(value, b.label_report().as_dict()[key]), key
     # The next epoch is identical too (optimiser state, counters, moving percentile, lr).
     rng = torch.get_rng_state(), a.ctx.generator.get_state()
-    logs_a = a.run_epoch(EpochSpec("train", 0, 2))
+    logs_a = Trainer(a.ctx, a).run_epoch(EpochSpec("train", 0, 2))
     torch.set_rng_state(rng[0])
     a.ctx.generator.set_state(rng[1])
-    logs_b = b.run_epoch(EpochSpec("train", 0, 2))
+    logs_b = Trainer(b.ctx, b).run_epoch(EpochSpec("train", 0, 2))
     assert logs_a == logs_b
     assert torch.equal(a.predict_logits(a.ctx.x), b.predict_logits(a.ctx.x))
     assert torch.equal(a.counter.kept, b.counter.kept)
@@ -264,7 +274,7 @@ def test_non_finite_loss_raises(name, tiny_config):
         for p in m.nets[0].parameters():
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError):
-        m.run_epoch(EpochSpec("train", 0, 1))
+        Trainer(m.ctx, m).run_epoch(EpochSpec("train", 0, 1))
 
 
 @pytest.mark.parametrize("name", ["jocor", "coteaching"])

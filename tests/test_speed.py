@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from labelrefine import engine
 from labelrefine.bench.speed import linear_fit, method_plan, speed_config
 from labelrefine.cli import main
-from labelrefine.engine import Context, Supervised, to_device
+from labelrefine.data.splits import prepare_data
+from labelrefine.engine import Context, Learner, Trainer, to_device
 from labelrefine.errors import UserError
 from labelrefine.methods import list_methods
-from labelrefine.run import prepare_data
-from labelrefine.ssl import SimCLR
+from labelrefine.methods.base import supervised_pass
+from labelrefine.methods.simclr import SimCLR
 
 THROUGHPUT = ["limit_supervised", "supervised_step", "limit_simclr", "simclr_step", "peer_simclr",
               "aug_strong_only", "peer_loader_only"]
@@ -146,17 +146,17 @@ def test_amp_and_channels_last_run_on_cpu(tiny_config, tmp_path, overrides):
     bf16 = "amp=bf16" in overrides
     assert ctx.amp is (torch.bfloat16 if bf16 else None)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    sup = Supervised(ctx, 1)
+    sup = Learner(ctx, 1)
     conv = next(p for p in sup.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=fmt)
     x = ctx.augment(torch.arange(16))
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt)
     with ctx.autocast():
         assert sup.model(x).dtype == (torch.bfloat16 if bf16 else torch.float32)
-    logs, _ = sup.train_epoch(torch.arange(ctx.n), ctx.y)
+    logs = Trainer(ctx, None).run_pass(supervised_pass(ctx, sup, torch.arange(ctx.n), ctx.y))
     assert math.isfinite(logs["loss"]) and logs["samples"] > 0
     sim = SimCLR(ctx, ctx.new_model())
-    assert math.isfinite(sim.train_epoch()["loss"])
+    assert math.isfinite(Trainer(ctx, None).run_pass(sim.pass_())["loss"])
     logits = ctx.logits_all(sup.model)
     assert logits.dtype == torch.float32 and logits.shape == (ctx.n, ctx.num_classes)
     assert bool(torch.isfinite(logits).all())
@@ -170,9 +170,10 @@ def test_compile_runs_on_cpu(tiny_config, tmp_path):
     model = ctx.new_model()
     assert getattr(model, "_compiled_call_impl", None) is not None  # nn.Module.compile(): in place
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())  # checkpoints keep their keys
-    sup = Supervised(ctx, 1, model=model)
+    sup = Learner(ctx, 1, model=model)
     try:
-        logs, _ = sup.train_epoch(torch.arange(128), ctx.y[:128])  # two full batches: one graph
+        # two full batches: one graph
+        logs = Trainer(ctx, None).run_pass(supervised_pass(ctx, sup, torch.arange(128), ctx.y[:128]))
     except Exception as e:  # the toolchain is there but cannot build (headers, OpenMP, ...)
         if "compil" in f"{type(e).__name__} {e}".lower():
             pytest.skip(f"torch.compile toolchain unusable here: {type(e).__name__}: {str(e).splitlines()[0]}")
@@ -229,8 +230,8 @@ def test_uint8_store_and_ssl_images_move_through_to_device(tiny_config, tmp_path
         moved.append((t.dtype, tuple(t.shape)))
         return to_device(t, device)
 
-    monkeypatch.setattr(engine, "to_device", record)
-    monkeypatch.setattr("labelrefine.ssl.to_device", record)
+    monkeypatch.setattr("labelrefine.engine.context.to_device", record)
+    monkeypatch.setattr("labelrefine.methods.simclr.to_device", record)
     ctx = _context(tiny_config("method=ce"), tmp_path)
     assert (torch.uint8, tuple(ctx.x.shape)) in moved and (torch.int64, (ctx.n,)) in moved
     SimCLR(ctx, ctx.new_model())

@@ -24,10 +24,12 @@ from PIL import Image
 from labelrefine import store
 from labelrefine.data.cache import STORE_FORMAT
 from labelrefine.engine import Context
+from labelrefine.engine.checkpoint import rng_state as _rng_state
+from labelrefine.engine.checkpoint import set_rng_state as _set_rng_state
 from labelrefine.errors import UserError
+from labelrefine.methods.simclr import ENCODER_FORMAT
+from labelrefine.pipeline import run
 from labelrefine.predict import LEGACY_MODEL_FORMAT, MODEL_FORMAT, load_model
-from labelrefine.run import _rng_state, _set_rng_state, run
-from labelrefine.ssl import ENCODER_FORMAT
 
 KIND = "labelrefine-test-v1"
 

@@ -11,9 +11,9 @@ What is measured (each timed region ends with a device sync, so CUDA times are t
 1. **Supervised limit**: fwd + bwd + optimizer step of the model on float batches that are
    already normalised, resident and in the configured memory format: no augmentation, no data
    movement; the same model, batch, optimizer and number of steps as an epoch of (2).
-2. **Supervised step**: :meth:`Supervised.train_epoch` (weak crop + flip augmentation of the
+2. **Supervised step**: the Trainer's supervised pass (weak crop + flip augmentation of the
    in-memory uint8 store, on the device), whole epochs after one untimed warm-up epoch.
-3. **SimCLR step**: :meth:`SimCLR.train_epoch` (two batched strong views per image; each image
+3. **SimCLR step**: the Trainer's SimCLR pass (two batched strong views per image; each image
    counted once), beside its model-only limit (:meth:`SimCLR.step` on pre-made views).
 4. **Peer pipeline**: the same :meth:`SimCLR.step` fed the conventional way: torchvision
    transforms (the same recipe) on PIL images in a ``torch.utils.data.DataLoader`` with
@@ -54,7 +54,8 @@ import torch.nn.functional as F
 import yaml
 
 from ..config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
-from ..engine import Context, EpochSpec, Supervised, make_optimizer, optimizer_step, resolve_device
+from ..engine import Context, EpochSpec, Learner, Trainer, resolve_device
+from ..engine.checkpoint import seed_everything
 from ..errors import UserError
 from ..io import write_csv, write_text
 
@@ -239,7 +240,7 @@ def peak_rss_bytes(who: str = "self") -> int:
 def stage_schedules(cfg: RunConfig) -> list[tuple[str, int, int]]:
     """``(label, stages, epochs)`` of the first refinement iteration in this profile and of the
     papers' iterations (stages 2,3,4 of 4 epochs; then 2,5,7 of 7)."""
-    from ..methods.ce import iteration_length, stages_of
+    from ..methods.schedule import iteration_length, stages_of
 
     return [("profile", len(stages_of(cfg, 1)), iteration_length(cfg, 1)),
             ("papers_iteration1", 3, 4), ("papers_later", 3, 7)]
@@ -307,18 +308,18 @@ MAX_RESIDENT_BATCHES = 16  # distinct pre-made batches of a limit pass (cycled f
 
 
 def measure_supervised(cfg: RunConfig, ctx: Context, epochs: int) -> dict[str, float]:
-    """Img/s of the model-only limit and of ``Supervised.train_epoch``, interleaved pass by pass."""
-    from ..run import _seed_everything
+    """Img/s of the model-only limit and of the Trainer's supervised pass, interleaved pass by pass."""
+    from ..methods.base import supervised_pass
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     bs, n, device = cfg.optim.batch_size, ctx.n, ctx.device
     rows = torch.arange(n, device=device)
-    sup = Supervised(ctx, 1 + epochs)
+    sup = Learner(ctx, 1 + epochs)
+    trainer = Trainer(ctx, None)
     model = ctx.new_model()
     model.train()
-    optimizer = make_optimizer(model.parameters(), cfg, cfg.optim.lr)
-    scaler = ctx.grad_scaler()
-    index = ctx.batches(rows, bs, drop_last=n > bs)  # the epoch's batches, as train_epoch makes them
+    limit = Learner(ctx, 1 + epochs, model=model)  # the same optimizer, stepped without the loop around it
+    index = ctx.batches(rows, bs, drop_last=n > bs)  # the epoch's batches, as supervised_pass makes them
     resident = [(ctx.aug_none(ctx.x[i]).contiguous(memory_format=ctx.memory_format), ctx.y[i])
                 for i in index[:MAX_RESIDENT_BATCHES]]
     steps = _cycle(resident, len(index))
@@ -327,11 +328,11 @@ def measure_supervised(cfg: RunConfig, ctx: Context, epochs: int) -> dict[str, f
         for x, y in steps:
             with ctx.autocast():
                 logits = model(x)
-            optimizer_step(optimizer, scaler, F.cross_entropy(logits.float(), y))
+            limit.step(F.cross_entropy(logits.float(), y))
         return sum(len(y) for _, y in steps)
 
     def epoch() -> int:
-        return int(sup.train_epoch(rows, ctx.y)[0]["samples"])
+        return int(trainer.run_pass(supervised_pass(ctx, sup, rows, ctx.y))["samples"])
 
     limit_pass(), epoch()  # warm-up
     t, k = interleaved({"limit": limit_pass, "step": epoch}, epochs, device)
@@ -396,11 +397,10 @@ def collate_views(batch) -> torch.Tensor:
 
 
 def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> dict[str, float]:
-    """Img/s (each image once) of SimCLR.train_epoch, its model-only limit and the peer pipeline."""
-    from ..run import _seed_everything
-    from ..ssl import SimCLR
+    """Img/s (each image once) of the SimCLR pass, its model-only limit and the peer pipeline."""
+    from ..methods.simclr import SimCLR
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     sim = SimCLR(ctx, ctx.new_model())
     index = ctx.batches(torch.arange(sim.images.shape[0], device=ctx.device), sim.batch_size, drop_last=True)
     result = _simclr_step_and_limit(ctx, sim, index, epochs)
@@ -409,8 +409,10 @@ def measure_simclr(cfg: RunConfig, ctx: Context, epochs: int, workers: int) -> d
 
 
 def _simclr_step_and_limit(ctx: Context, sim, index: list[torch.Tensor], epochs: int) -> dict[str, Any]:
-    """(3): ``SimCLR.train_epoch`` interleaved with its model-only limit (``SimCLR.step`` on
-    pre-made views), the limit's op profile, then the augmentation of (3) alone."""
+    """(3): the SimCLR pass (:meth:`SimCLR.pass_` in the Trainer) interleaved with its model-only
+    limit (:meth:`SimCLR.loss` and a step on pre-made views), the limit's op profile, then the
+    augmentation of (3) alone."""
+    trainer = Trainer(ctx, None)
     device, b = ctx.device, sim.batch_size
     resident = []
     for i in index[:MAX_RESIDENT_BATCHES]:
@@ -420,15 +422,16 @@ def _simclr_step_and_limit(ctx: Context, sim, index: list[torch.Tensor], epochs:
 
     def limit_pass() -> int:
         for views in steps:
-            sim.step(views, len(views) // 2)
+            sim.learner.step(sim.loss(views, len(views) // 2))
         return sum(len(v) // 2 for v in steps)
 
     def epoch() -> int:
-        return int(sim.train_epoch()["samples"])
+        return int(trainer.run_pass(sim.pass_())["samples"])
 
     limit_pass(), epoch()
     t, k = interleaved({"limit": limit_pass, "step": epoch}, epochs, device)
-    profile = profile_ops(lambda: [sim.step(v, len(v) // 2) for v in resident[:PROFILE_STEPS]], device)
+    profile = profile_ops(lambda: [sim.learner.step(sim.loss(v, len(v) // 2)) for v in resident[:PROFILE_STEPS]],
+                          device)
     resident, steps = [], []  # free the pre-made views
 
     def aug_pass() -> int:  # the augmentation of (3) alone: two strong views of every batch, no model
@@ -468,7 +471,9 @@ def _peer_pipeline(cfg: RunConfig, ctx: Context, sim, index: list[torch.Tensor],
             if views is None:
                 return count
             views = views.to(device, non_blocking=True).contiguous(memory_format=ctx.memory_format)
-            total += float(sim.step(views, len(views) // 2))  # the per-step loss read of train_epoch
+            loss = sim.loss(views, len(views) // 2)
+            sim.learner.step(loss)
+            total += float(loss.detach())  # the per-step loss read of the Trainer's pass
             count += len(views) // 2
 
     def loader_pass() -> int:  # the loader of (4) alone, no model step
@@ -529,13 +534,13 @@ def _pick(specs: list[EpochSpec], plan: MethodPlan, epochs: int) -> list[int]:
 def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torch.device, epochs: int,
                 extra_overrides: tuple[str, ...] = ()) -> MethodTiming:
     from ..methods import get_method
-    from ..run import _seed_everything
 
     plan = method_plan(name, epochs)
     mcfg = with_overrides(cfg, ["ssl.epochs=0", f"method={name}", *plan.overrides, *extra_overrides])
-    _seed_everything(mcfg.seed)
+    seed_everything(mcfg.seed)
     ctx = _context(mcfg, train.images, train.labels, num_classes, device, noise_rate=mcfg.data.noise_rate)
     method = get_method(name)(ctx)
+    trainer = Trainer(ctx, method)
     specs = method.schedule()
     chosen = _pick(specs, plan, epochs)
     if not chosen:
@@ -551,7 +556,7 @@ def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torc
             started = True
         before = getattr(method, "refine_overhead_seconds", 0.0)
         before_eval = getattr(method, "refine_eval_seconds", 0.0)
-        dt, logs = timed(lambda spec=spec: method.run_epoch(spec), device)
+        dt, logs = timed(lambda spec=spec: trainer.run_epoch(spec), device)
         samples = logs.get("samples")
         if i in chosen:
             result.seconds.append(dt)
@@ -571,19 +576,20 @@ def time_method(name: str, cfg: RunConfig, train, num_classes: int, device: torc
 
 def measure_scaling(cfg: RunConfig, full, sizes: list[int], device: torch.device) -> list[tuple[int, float, int]]:
     """``(N, seconds, images trained)`` of one CE epoch on a stratified N-image subset, per size."""
+    from ..data.splits import stratified_sample
     from ..methods import get_method
-    from ..run import _seed_everything, stratified_sample
 
     mcfg = with_overrides(cfg, ["ssl.epochs=0", "method=ce", "epochs=1", "data.noise=none"])
     out = []
     for n in sizes:
         idx = torch.from_numpy(stratified_sample(full.labels, n, np.random.default_rng(0), full.num_classes))
         images, labels = full.images[idx], full.labels[idx]
-        _seed_everything(mcfg.seed)
+        seed_everything(mcfg.seed)
         ctx = _context(mcfg, images, labels, full.num_classes, device)
         method = get_method("ce")(ctx)
         spec = method.schedule()[0]
-        dt, logs = timed(lambda method=method, spec=spec: method.run_epoch(spec), device)
+        trainer = Trainer(ctx, method)
+        dt, logs = timed(lambda trainer=trainer, spec=spec: trainer.run_epoch(spec), device)
         out.append((n, dt, int(logs["samples"])))
         log.info("bench speed: scaling N=%d: %.1fs", n, dt)
         del ctx, method, images, labels
@@ -662,7 +668,8 @@ def _load_profile_data(cfg: RunConfig, opts: SpeedOptions, device: torch.device)
     """``(data, prepared data, bytes of every uint8 split)``, checked against ``speed.sizes`` and
     the batch size."""
     from ..data.sources import load_data
-    from ..run import default_cache_dir, prepare_data
+    from ..data.splits import prepare_data
+    from ..pipeline import default_cache_dir
 
     cache_dir = default_cache_dir(cfg)
     data = load_data(cfg.data.spec, cache_dir=cache_dir)
@@ -736,8 +743,8 @@ def _throughput_rows(cfg: RunConfig, opts: SpeedOptions, sup: dict, ssl: dict) -
             f"(1) model fwd+bwd+SGD step on resident normalised float batches of {bs}, "
             f"{sup['steps_per_epoch']} steps a pass, {opts.epochs} passes"),
         Row("throughput", "supervised_step", sup["step_img_s"], "img/s",
-            f"(2) Supervised.train_epoch, weak crop+flip from the uint8 store, {sup['images_per_epoch']:.0f} img "
-            f"an epoch, {opts.epochs} epochs after 1 warm-up"),
+            f"(2) the Trainer's supervised pass, weak crop+flip from the uint8 store, "
+            f"{sup['images_per_epoch']:.0f} img an epoch, {opts.epochs} epochs after 1 warm-up"),
         Row("throughput", "eval_pass", sup["eval_img_s"], "img/s",
             f"Context.logits_all: eval-mode forward over the training set, batches of {cfg.optim.eval_batch_size} "
             "(the stage evaluation of `ours`)"),
@@ -745,7 +752,7 @@ def _throughput_rows(cfg: RunConfig, opts: SpeedOptions, sup: dict, ssl: dict) -
             f"(3) limit: SimCLR.step on pre-made views, batch {ssl['batch']} ({2 * ssl['batch']} views), "
             f"images counted once"),
         Row("throughput", "simclr_step", ssl["step_img_s"], "img/s",
-            f"(3) SimCLR.train_epoch, two batched strong views from the uint8 store, images counted once, "
+            f"(3) the Trainer's SimCLR pass, two batched strong views from the uint8 store, images counted once, "
             f"{ssl['images_per_epoch']:.0f} img an epoch"),
         Row("throughput", "peer_simclr", ssl["peer_img_s"], "img/s",
             f"(4) the same SimCLR.step fed by torchvision transforms on PIL images, DataLoader with "
@@ -948,7 +955,7 @@ def _val(by: dict[tuple[str, str], Row], section: str, name: str) -> str:
 def _md_header(by: dict[tuple[str, str], Row], cfg: RunConfig, opts: SpeedOptions, device: torch.device,
                data_name: str, n_train: int, command: str) -> list[str]:
     """Title, machine, date, command, code version and the profile, then the throughput table's head."""
-    from ..run import code_version
+    from ..pipeline import code_version
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     width = "" if cfg.model.backbone in ("tiny", "tiny_gn") else f" width {cfg.model.width}"

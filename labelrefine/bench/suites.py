@@ -314,7 +314,7 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
 
     ``command`` is the command line ``results.md`` shows (default: :func:`equivalent_command`).
     """
-    from ..run import run
+    from ..pipeline import run
 
     out = Path(out)
     runs, statuses = _check_plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides,

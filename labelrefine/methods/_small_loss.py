@@ -8,8 +8,8 @@ This module holds, once:
   2018), and :func:`resolve_tau` - the final rate τ from the config or the noise rate;
 * :func:`small_loss_index` / :func:`peer_selection` - which rows of a batch are kept;
 * :class:`SelectionCounter` - per-sample counts of how often a sample was kept, on the device;
-* :class:`SmallLossMethod` - the batch loop, schedule, outputs and checkpoints; a subclass
-  supplies the networks, their trainers and :meth:`SmallLossMethod.batch_step`.
+* :class:`SmallLossMethod` - the pass, schedule, outputs and checkpoints; a subclass supplies the
+  networks, their learners and :meth:`SmallLossMethod.batch_step`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from torch import nn
 
 from .. import distributed as ddp
 from ..data.noise import check_noise_type
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner, Pass, Step
 from ..errors import UserError
-from ..progress import progress
-from .base import Method
-from .ce import supervised_budget
+from .base import LabelReport, Method
+from .schedule import supervised_budget
 
 __all__ = [
     "SelectionCounter",
@@ -180,16 +179,15 @@ class SelectionCounter:
 class SmallLossMethod(Method):
     """A single-stage small-loss baseline: ``epochs`` training epochs on the noisy labels.
 
-    A subclass builds ``self.trainers`` (one :class:`~labelrefine.engine.Supervised` per
-    optimizer) and ``self.nets`` (the networks run on every batch, network 1 first) in its
-    ``__init__``, and implements :meth:`batch_step`. This class runs the batch loop (lr
-    schedule, augmentation, autocast, the finiteness check, one optimiser step per trainer),
-    and provides the schedule, predictions from network 1, the label report, the oracle view
-    and checkpoints.
+    A subclass builds ``self.trainers`` (one :class:`~labelrefine.engine.optim.Learner` per
+    optimizer) and ``self.nets`` (the networks that predict, network 1 first) in its ``__init__``,
+    and implements :meth:`batch_step`. This class gives the epoch's one pass (every learner's
+    networks on the same augmented batch, one loss per learner; the Trainer steps them), the
+    schedule, predictions from network 1, the label report, the oracle view and checkpoints.
     """
 
     phases = ("train",)  # the schedule below; coteaching, jocor and mentornet inherit it
-    trainers: list[Supervised]
+    trainers: list[Learner]
     nets: list[nn.Module]
 
     def __init__(self, ctx: Context):
@@ -206,10 +204,11 @@ class SmallLossMethod(Method):
 
     def batch_step(self, logits: list[torch.Tensor], y: torch.Tensor,
                    index: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor | float]]:
-        """Losses of one batch, one scalar per trainer (in ``self.trainers`` order).
+        """Losses of one batch, one scalar per learner (in ``self.trainers`` order).
 
         Args:
-            logits: float32 ``(B, K)`` of each network in ``self.nets``, from the same augmented batch.
+            logits: float32 ``(B, K)`` of each training network (the learners' ``nets`` in order:
+                network 1 first), from the same augmented batch.
             y: ``(B,)`` noisy labels; index: ``(B,)`` sample indices.
 
         Returns:
@@ -222,43 +221,31 @@ class SmallLossMethod(Method):
         """Logs computed after the epoch's last step."""
         return {}
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the epoch ---------------------------------------------------------------------------
     def schedule(self) -> list[EpochSpec]:
         return [EpochSpec("train", 0, e) for e in range(1, self.epochs + 1)]
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        ctx = self.ctx
+    def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
         logs = self.start_epoch(spec)
         self.counter.start_epoch()
-        for net in self.nets:
-            net.train()
-        n, bs = ctx.n, self.cfg.optim.batch_size
-        drop_last = n > bs  # like Supervised: a batch of a few samples gives noisy BatchNorm statistics
-        sums: dict[str, float] = {}
-        count, lr = 0, 0.0
-        batches = ctx.batches(self.all, bs, drop_last=drop_last)
-        steps = max(1, len(batches))
-        for index in progress(batches, total=steps, desc=self.name, unit="batch", inner=True):
-            lr = [t.set_lr() for t in self.trainers][0]
-            x = ctx.augment(index)
-            with ctx.autocast():
-                outs = [net(x) for net in self.nets]
-            losses, batch_logs = self.batch_step([o.float() for o in outs], self.given[index], index)
-            if not all(bool(torch.isfinite(v)) for v in losses):
-                raise FloatingPointError("non-finite loss")
-            for trainer, value in zip(self.trainers, losses, strict=True):
-                trainer.step(value)
-                trainer.progress += 1.0 / steps
-            b = len(index)
-            for key, value in batch_logs.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * b
-            count += b
-        for trainer in self.trainers:
-            trainer.progress = round(trainer.progress)
-        self.epochs_done = spec.epoch
-        logs.update({k: v / max(count, 1) for k, v in sums.items()})
-        logs.update(lr=lr, samples=count, **self.end_epoch(spec))
         return logs
+
+    def passes(self, spec: EpochSpec) -> list[Pass]:
+        n, bs = self.ctx.n, self.cfg.optim.batch_size
+        # Full batches only, as supervised_pass: a batch of a few samples gives noisy BatchNorm statistics.
+        batches = self.ctx.batches(self.all, bs, drop_last=n > bs)
+        return [Pass(batches, self.trainers, self._step, desc=self.name)]
+
+    def _step(self, index: torch.Tensor) -> Step:
+        x = self.ctx.augment(index)
+        with self.ctx.autocast():
+            outs = [net(x) for t in self.trainers for net in t.nets]
+        losses, logs = self.batch_step([o.float() for o in outs], self.given[index], index)
+        return Step(losses, logs, len(index))
+
+    def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
+        self.epochs_done = spec.epoch
+        return {**parts[0], **self.end_epoch(spec)}
 
     # -- outputs -----------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -276,15 +263,14 @@ class SmallLossMethod(Method):
             view["stage_selected"] = selected
         return view
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """Refined label = network 1's argmax; quality = the small-loss selection frequency.
 
         ``label_quality`` is the fraction of the selections a sample took part in that kept it
         (:meth:`SelectionCounter.frequency`); ``n_stages_selected`` is how often it was kept.
         """
         pred = self.predict_logits().argmax(1)
-        return {"refined_label": pred, "label_quality": self.counter.frequency(),
-                "is_label_issue": pred != self.given, "n_stages_selected": self.counter.kept.clone()}
+        return LabelReport(pred, self.counter.frequency(), pred != self.given, self.counter.kept.clone())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:

@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..engine import Context, EpochSpec
-from ..ssl import SimCLR, load_cached_encoder, save_cached_encoder
+from ..engine import Context, EpochSpec, Learner, Pass, Step, merge_parts
+from ..losses import softmax_weighted_ce
+from .simclr import SSLInit
 
-log = logging.getLogger("labelrefine")
+
+@dataclass
+class LabelReport:
+    """Per-training-sample outputs of a method (``labels.csv``), all ``(N,)`` on one device.
+
+    Attributes:
+        refined_label: int64, the label the method believes is right.
+        label_quality: float in [0, 1]; low = likely wrong (the ranking of suspected errors).
+        is_label_issue: bool, the flagged set.
+        n_stages_selected: int64, how often the sample was selected as clean (0 for methods without stages).
+    """
+
+    refined_label: torch.Tensor
+    label_quality: torch.Tensor
+    is_label_issue: torch.Tensor
+    n_stages_selected: torch.Tensor
+
+    def cpu(self) -> LabelReport:
+        return LabelReport(**{f.name: getattr(self, f.name).cpu() for f in fields(self)})
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Method:
-    """A training method as a state machine over a flat list of epochs.
+    """A training method: a schedule of epochs, and per phase the passes and steps that train it.
 
-    The engine calls :meth:`schedule` once, then :meth:`run_epoch` for each entry (resuming
-    from a checkpoint skips the entries already done), and evaluates the model through
-    :meth:`predict_logits` after every supervised epoch. A method never sees clean labels.
+    The :class:`~labelrefine.engine.trainer.Trainer` calls :meth:`schedule` once, then for each
+    entry asks :meth:`handler` which object runs that phase (this method; its SimCLR phase
+    :attr:`ssl`; a part of a composite method) and calls that object's ``on_epoch_start``,
+    ``passes`` and ``on_epoch_end``; each :class:`~labelrefine.engine.trainer.Pass` names its
+    training step. After every supervised epoch it evaluates the model through
+    :meth:`predict_logits`. A method never sees clean labels, and never calls ``backward``.
 
     Subclasses set ``name``, ``summary`` (one line), ``paper`` (a citation) and ``phases``: every
     phase name their :meth:`schedule` can use, in schedule order (the bench's per-phase time
@@ -30,6 +57,7 @@ class Method:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ()
+    ssl: SSLInit | None = None  # SimCLR pretraining as this method's ``ssl`` phase, if it has one
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -40,9 +68,21 @@ class Method:
     def schedule(self) -> list[EpochSpec]:
         raise NotImplementedError
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        """Train one epoch; return scalar logs (``loss``, ``lr``, method-specific counts)."""
+    def handler(self, spec: EpochSpec):
+        """The object that runs ``spec``'s phase: the SimCLR phase for ``ssl``, else the method itself."""
+        return self.ssl if spec.phase == "ssl" and self.ssl is not None else self
+
+    def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
+        """Per-epoch set-up before the passes; returns logs for the epoch's record."""
+        return {}
+
+    def passes(self, spec: EpochSpec) -> Iterable[Pass]:
+        """The epoch's passes (a list, or a generator that builds each when the previous one has run)."""
         raise NotImplementedError
+
+    def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
+        """The epoch's logs from its passes' (``loss``, ``lr``, ``samples``, ...)."""
+        return merge_parts(parts)
 
     # -- outputs -----------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -72,19 +112,16 @@ class Method:
         """The labels the method currently trains on ``(N,)``; the given labels unless it relabels."""
         return self.given
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """Per-training-sample outputs for ``labels.csv``.
 
-        Returns ``refined_label`` ``(N,)`` int64, ``label_quality`` ``(N,)`` in [0, 1] (low =
-        likely wrong), ``is_label_issue`` ``(N,)`` bool and ``n_stages_selected`` ``(N,)``.
         The default: the final model's softmax probability of the given label (cleanlab's
         self-confidence) as quality, its argmax as refined label, an issue when they differ.
         """
         probs = torch.softmax(self.predict_logits(), dim=1)
         pred = probs.argmax(1)
         quality = probs.gather(1, self.given[:, None]).squeeze(1)
-        return {"refined_label": pred, "label_quality": quality, "is_label_issue": pred != self.given,
-                "n_stages_selected": torch.zeros_like(self.given)}
+        return LabelReport(pred, quality, pred != self.given, torch.zeros_like(self.given))
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -94,40 +131,40 @@ class Method:
         raise NotImplementedError
 
 
-class SSLInit:
-    """SimCLR pretraining as the first phase of a method (ours, ce_ssl, ours_dividemix).
+def supervised_pass(ctx: Context, learner: Learner, indices: torch.Tensor, targets: torch.Tensor, *,
+                    strong: torch.Tensor | None = None, loss: str = "ce", weight: str = "max_prob",
+                    record: torch.Tensor | None = None, desc: str = "train") -> Pass:
+    """One pass of ``learner``'s network over ``indices`` (duplicates allowed) with per-row ``targets``.
 
-    ``ssl_specs()`` gives the SSL epochs still to run: none when the encoder cache already
-    holds this pretraining (then the model is loaded from it at construction).
+    Args:
+        indices: ``(M,)`` sample indices into the context's images.
+        targets: ``(M,)`` labels, one per row of ``indices``.
+        strong: ``(M,)`` bool, rows that get the strong (SimCLR) augmentation.
+        loss: ``ce`` or ``weighted_ce`` (softmax-weighted CE, paper 2).
+        weight: the weighted-CE weight, ``max_prob`` or ``target_prob``.
+        record: ``(M, C)`` float buffer that receives each row's logits as seen during training
+            (data parallel: this rank's rows only; the rest keep what they held).
     """
+    m = len(indices)
+    bs = ctx.cfg.optim.batch_size
+    smoothing = ctx.cfg.optim.label_smoothing
+    rows = torch.arange(m, device=ctx.device)
+    # Drop the final partial batch (BatchNorm statistics of a few samples are noise), except
+    # when every row's logits must be recorded.
+    batches = ctx.batches(rows, bs, drop_last=m > bs and record is None, sample_ids=indices)
 
-    def __init__(self, ctx: Context, model: nn.Module):
-        self.ctx = ctx
-        self.model = model
-        self.epochs = ctx.cfg.ssl.epochs
-        self.cached = self.epochs > 0 and load_cached_encoder(ctx, model)
-        self.trainer: SimCLR | None = None if self.cached or self.epochs == 0 else SimCLR(ctx, model)
-
-    def specs(self) -> list[EpochSpec]:
-        if self.trainer is None:
-            return []
-        return [EpochSpec("ssl", 0, e, supervised=False) for e in range(1, self.epochs + 1)]
-
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        assert self.trainer is not None
-        logs = self.trainer.train_epoch()
-        if spec.epoch == self.epochs:
-            save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"]})
-            self.trainer = None  # free the projection head, its optimizer and the SSL image copy
-        return logs
-
-    def state_dict(self) -> dict:
-        return {"trainer": None if self.trainer is None else self.trainer.state_dict(), "cached": self.cached}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["trainer"] is None:
-            self.trainer = None
+    def step(batch_rows: torch.Tensor) -> Step:
+        x = ctx.augment(indices[batch_rows], None if strong is None else strong[batch_rows])
+        y = targets[batch_rows]
+        with ctx.autocast():
+            logits = learner.nets[0](x)
+        logits = logits.float()
+        if loss == "weighted_ce":
+            value = softmax_weighted_ce(logits, y, weight=weight)
         else:
-            if self.trainer is None:
-                self.trainer = SimCLR(self.ctx, self.model)
-            self.trainer.load_state_dict(state["trainer"])
+            value = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing).mean()
+        if record is not None:
+            record[batch_rows] = logits.detach()
+        return Step([value], {"loss": value.detach()}, len(batch_rows))
+
+    return Pass(batches, [learner], step, desc=desc)

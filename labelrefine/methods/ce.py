@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner
 from . import register
-from .base import Method, SSLInit
-
-
-def supervised_budget(cfg) -> int:
-    """Epochs of supervised training: ``epochs`` if set, else the same budget as ``ours``."""
-    if cfg.epochs > 0:
-        return cfg.epochs
-    r = cfg.refine
-    return r.warmup_epochs + sum(iteration_length(cfg, i) for i in range(1, r.iterations + 1)) + cfg.finetune.epochs
-
-
-def stages_of(cfg, iteration: int) -> list[int]:
-    r = cfg.refine
-    return list(r.first_stages if iteration == 1 else r.later_stages)
-
-
-def iteration_length(cfg, iteration: int) -> int:
-    """Epochs of refinement iteration ``iteration`` (1-based)."""
-    return cfg.refine.iteration_epochs or max(stages_of(cfg, iteration))
+from .base import LabelReport, Method, supervised_pass
+from .schedule import supervised_budget
+from .simclr import SSLInit
 
 
 @register
@@ -40,29 +24,26 @@ class CE(Method):
         model = ctx.new_model()
         self.ssl = SSLInit(ctx, model) if self.use_ssl else None
         self.epochs = supervised_budget(self.cfg)
-        self.sup = Supervised(ctx, self.epochs, model=model)
+        self.sup = Learner(ctx, self.epochs, model=model)
         self.all = torch.arange(ctx.n, device=ctx.device)
 
     def schedule(self) -> list[EpochSpec]:
         pre = self.ssl.specs() if self.ssl is not None else []
         return pre + [EpochSpec("train", 0, e) for e in range(1, self.epochs + 1)]
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        if spec.phase == "ssl":
-            return self.ssl.run_epoch(spec)
-        logs, _ = self.sup.train_epoch(self.all, self.given)
-        return logs
+    def passes(self, spec: EpochSpec):
+        return [supervised_pass(self.ctx, self.sup, self.all, self.given)]
 
     def networks(self):
         return {"model": self.sup.model}
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """Quality = 1 - the normalised rank of the final model's loss on the given label."""
         out = super().label_report()
-        loss = -torch.log(out["label_quality"].clamp_min(1e-12))
+        loss = -torch.log(out.label_quality.clamp_min(1e-12))
         rank = torch.empty_like(loss)
         rank[torch.argsort(loss)] = torch.arange(len(loss), device=loss.device, dtype=loss.dtype)
-        out["label_quality"] = 1.0 - rank / max(len(loss) - 1, 1)
+        out.label_quality = 1.0 - rank / max(len(loss) - 1, 1)
         return out
 
     def state_dict(self) -> dict:

@@ -16,7 +16,7 @@ reference's linear lr decay and β1 change from epoch 80 are not reproduced.
 
 from __future__ import annotations
 
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner
 from ..losses import per_sample_ce
 from . import register
 from ._small_loss import SmallLossMethod, check_range, forget_rate, peer_selection, resolve_tau
@@ -34,7 +34,7 @@ class Coteaching(SmallLossMethod):
         check_range(c.num_gradual >= 0, "coteaching.num_gradual", "must be >= 0")
         self.tau = resolve_tau(self.cfg, ctx.noise_rate, c.forget_rate, key="coteaching.forget_rate")
         # Two networks from two draws of the global RNG: different random initialisations.
-        self.trainers = [Supervised(ctx, self.epochs), Supervised(ctx, self.epochs)]
+        self.trainers = [Learner(ctx, self.epochs), Learner(ctx, self.epochs)]
         self.nets = [t.model for t in self.trainers]
         self.rate = 0.0
 

@@ -27,6 +27,7 @@ thousand samples) is the only step on the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -37,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.noise import check_noise_type
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner, Pass, Step
 from ..errors import UserError
 from ..losses import mixup, sharpen, soft_ce
 from ..models import encoder_state, is_classifier_key
-from ..progress import progress
 from . import register
-from .base import Method, SSLInit
-from .ce import supervised_budget
+from .base import LabelReport, Method
+from .schedule import supervised_budget
+from .simclr import SSLInit
 
 log = logging.getLogger("labelrefine")
 
@@ -286,7 +287,7 @@ class DivideMix(Method):
             for net in nets:
                 _load_init(net, init_state)
         self.ssl = SSLInit(ctx, nets[0]) if ssl else None
-        self.sups = [Supervised(ctx, len(self.specs), model=net) for net in nets]
+        self.sups = [Learner(ctx, len(self.specs), model=net) for net in nets]
         if d.lambda_u < 0 and not check_noise_type(self.cfg.data.noise):
             raise UserError(f"config key 'dividemix.lambda_u': -1 takes lambda_u from data.noise_rate, which "
                             f"data.noise={self.cfg.data.noise!r} does not use; set dividemix.lambda_u (Li et al.: 0 "
@@ -296,6 +297,7 @@ class DivideMix(Method):
         self.warmup_penalty = self.cfg.data.noise == "pairflip"
         self.train_done = 0  # MixMatch epochs finished (the λu ramp and the GMM seed)
         self.prob: torch.Tensor | None = None  # (2, N) last GMM clean probabilities, row = scoring net
+        self._split_sizes: list[dict[str, int]] = []  # this epoch's labelled-set size and steps, per net
         log.info("dividemix: lambda_u %.1f, %d warmup + %d MixMatch epochs", self.lambda_max,
                  self.warmup_epochs, len(self.specs) - self.warmup_epochs)
 
@@ -308,47 +310,55 @@ class DivideMix(Method):
         if self.ssl is not None:
             _load_init(self.sups[1].model, encoder_weights(self.sups[0].model))
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        if spec.phase == "ssl" and self.ssl is not None:
-            return self.ssl.run_epoch(spec)
-        if spec.phase == self.phase_names[0]:
-            return self._warmup_epoch()
+    def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
         if spec.phase == self.phase_names[1]:
-            return self._train_epoch()
+            # Both splits come from the nets as they are before either trains this epoch (reference).
+            self.prob = self.clean_probs()
+        self._split_sizes = []
+        return {}
+
+    def passes(self, spec: EpochSpec):
+        if spec.phase == self.phase_names[0]:
+            return self._warmup_passes()
+        if spec.phase == self.phase_names[1]:
+            return self._mixmatch_passes()
         raise ValueError(f"unknown phase {spec.phase!r}")
 
+    def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
+        """The two nets' logs side by side (``loss_net1``...), ``loss`` their mean, ``lr`` net 2's."""
+        if spec.phase == self.phase_names[0]:
+            logs = {f"loss_net{k + 1}": part["loss"] for k, part in enumerate(parts)}
+        else:
+            logs = {f"{key}_net{k + 1}": v for k, (part, sizes) in enumerate(zip(parts, self._split_sizes, strict=True))
+                    for key, v in [*((key, part[key]) for key in ("loss", "lx", "lu", "penalty")), *sizes.items()]}
+        logs["lr"] = parts[-1]["lr"]
+        logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
+        if spec.phase == self.phase_names[1]:
+            self.train_done += 1
+            logs["lambda_u"] = lambda_u_at(self.lambda_max, self.train_done, self.cfg.dividemix.rampup_epochs)
+            logs["clean_prob_mean"] = float(self.prob.mean())
+        return logs
+
     # -- warmup --------------------------------------------------------------------------------
-    def _warmup_epoch(self) -> dict[str, float]:
-        """CE on the training labels, each net over the whole set with its own shuffle."""
+    def _warmup_passes(self):
+        """CE on the training labels, each net over the whole set with its own shuffle (drawn when
+        its pass starts, after the other net's pass: a generator)."""
         ctx = self.ctx
         bs = ctx.cfg.optim.batch_size
         rows = torch.arange(ctx.n, device=ctx.device)
-        logs: dict[str, float] = {}
         for k, sup in enumerate(self.sups):
-            sup.model.train()
-            total, count, lr = 0.0, 0, sup.base_lr
             batches = ctx.batches(rows, bs, drop_last=ctx.n > bs)
-            steps = max(1, len(batches))
-            for idx in progress(batches, total=steps, desc=f"warmup net{k + 1}", unit="batch", inner=True):
-                lr = sup.set_lr()
-                x = ctx.augment(idx)
-                with ctx.autocast():
-                    logits = sup.model(x)
-                logits = logits.float()
-                loss = F.cross_entropy(logits, self.labels[idx])
-                if self.warmup_penalty:
-                    loss = loss + neg_entropy(logits)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("non-finite loss")
-                sup.step(loss)
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-                sup.progress += 1.0 / steps
-            sup.progress = round(sup.progress)
-            logs[f"loss_net{k + 1}"] = total / max(count, 1)
-            logs["lr"] = lr
-        logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
-        return logs
+            yield Pass(batches, [sup], functools.partial(self._warmup_step, sup), desc=f"warmup net{k + 1}")
+
+    def _warmup_step(self, sup: Learner, idx: torch.Tensor) -> Step:
+        x = self.ctx.augment(idx)
+        with self.ctx.autocast():
+            logits = sup.nets[0](x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, self.labels[idx])
+        if self.warmup_penalty:
+            loss = loss + neg_entropy(logits)
+        return Step([loss], {"loss": loss.detach()}, len(idx))
 
     # -- co-divide -----------------------------------------------------------------------------
     def clean_probs(self) -> torch.Tensor:
@@ -368,87 +378,71 @@ class DivideMix(Method):
         return torch.stack(out)
 
     # -- MixMatch ------------------------------------------------------------------------------
-    def _train_epoch(self) -> dict[str, float]:
-        # Both splits come from the nets as they are before either trains this epoch (reference).
-        self.prob = self.clean_probs()
-        logs: dict[str, float] = {}
-        for k, (labelled, w) in enumerate(co_divide(self.prob, self.cfg.dividemix.p_threshold)):
-            # Net k+1 trains on the split made by the *other* net's GMM.
-            part = self._mixmatch_epoch(k, labelled, w)
-            logs.update({f"{key}_net{k + 1}": v for key, v in part.items() if key != "lr"})
-            logs["lr"] = part["lr"]
-        logs["loss"] = (logs["loss_net1"] + logs["loss_net2"]) / 2
-        self.train_done += 1
-        logs["lambda_u"] = lambda_u_at(self.lambda_max, self.train_done, self.cfg.dividemix.rampup_epochs)
-        logs["clean_prob_mean"] = float(self.prob.mean())
-        return logs
+    def _mixmatch_passes(self):
+        """One pass per net, net ``k`` on the split made by the *other* net's GMM (co-divide).
 
-    def _mixmatch_epoch(self, k: int, labelled: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
-        """One epoch of net ``k`` on the split ``labelled`` with clean probabilities ``w`` ``(N,)``.
-
-        The epoch runs over the labelled set once (the last batch may be partial); the unlabelled
+        A pass runs over the labelled set once (the last batch may be partial); the unlabelled
         set is cycled with fresh shuffles, ``batch_size`` per step. An empty labelled set makes the
-        epoch one pass over the unlabelled set (unlabelled loss and prior penalty only); an empty
-        unlabelled set leaves the labelled loss and the penalty.
+        pass one sweep over the unlabelled set (unlabelled loss and prior penalty only); an empty
+        unlabelled set leaves the labelled loss and the penalty. Each net's batches are drawn when
+        its pass starts (a generator), after the other net's pass.
         """
+        ctx = self.ctx
+        bs = ctx.cfg.optim.batch_size
+        for k, (labelled, w) in enumerate(co_divide(self.prob, self.cfg.dividemix.p_threshold)):
+            lab = labelled.nonzero().flatten()
+            unl = (~labelled).nonzero().flatten()
+            if len(lab):
+                lab_batches = ctx.batches(lab, bs)
+                steps = len(lab_batches)
+            else:
+                steps = len(ctx.batches(unl, bs, shuffle=False))
+                lab_batches = [lab[:0]] * steps
+            unl_batches = _cycled_batches(unl, steps, bs, ctx) if len(unl) else unl[:0].expand(steps, 0)
+            # The other net only guesses (co-guessing), in inference mode as in the reference.
+            self.sups[1 - k].model.eval()
+            self._split_sizes.append({"labelled": int(len(lab)), "steps": steps})
+            batches = [(s, lab_batches[s], unl_batches[s]) for s in range(steps)]
+            yield Pass(batches, [self.sups[k]], functools.partial(self._mixmatch_step, k, w, steps),
+                       desc=f"dividemix net{k + 1}")
+
+    def _mixmatch_step(self, k: int, w: torch.Tensor, steps: int, batch) -> Step:
+        """One MixMatch step of net ``k``: co-refined and co-guessed targets, mixup, the three losses.
+        Returns per-step values (``size`` 1): the epoch reports their mean over steps."""
         ctx, d = self.ctx, self.cfg.dividemix
+        step, lb, ub = batch
         sup, other = self.sups[k], self.sups[1 - k].model
-        net = sup.model
-        bs, T, C = ctx.cfg.optim.batch_size, d.temperature, ctx.num_classes
-        lab = labelled.nonzero().flatten()
-        unl = (~labelled).nonzero().flatten()
-        if len(lab):
-            lab_batches = ctx.batches(lab, bs)
-            steps = len(lab_batches)
-        else:
-            steps = len(ctx.batches(unl, bs, shuffle=False))
-            lab_batches = [lab[:0]] * steps
-        unl_batches = _cycled_batches(unl, steps, bs, ctx) if len(unl) else unl[:0].expand(steps, 0)
-        net.train()
-        other.eval()  # the other net only guesses (co-guessing), in inference mode as in the reference
-        sums = {"loss": 0.0, "lx": 0.0, "lu": 0.0, "penalty": 0.0}
-        lr, lam_u = sup.base_lr, 0.0
-        for step in progress(range(steps), total=steps, desc=f"dividemix net{k + 1}", unit="batch", inner=True):
-            lr = sup.set_lr()
-            lam_u = lambda_u_at(self.lambda_max, self.train_done + step / steps, d.rampup_epochs)
-            lb, ub = lab_batches[step], unl_batches[step]
-            nl, nu = len(lb), len(ub)
-            # Two weak augmentations per sample, drawn in one call: rows [u1; u2; x1; x2].
-            views = ctx.augment(torch.cat([ub, ub, lb, lb]))
-            with torch.no_grad():
-                with ctx.autocast():
-                    # The training net guesses in train mode (as the reference and MixMatch do).
-                    p_self = F.softmax(net(views).float(), dim=1)
-                    p_other = F.softmax(other(views[: 2 * nu]).float(), dim=1) if nu else None
-                parts = []  # targets in the order [x1; x2; u1; u2]
-                if nl:
-                    onehot = F.one_hot(self.labels[lb], C).float()
-                    tx = co_refine(onehot, w[lb], [p_self[2 * nu:2 * nu + nl], p_self[2 * nu + nl:]], T)
-                    parts += [tx, tx]
-                if nu:
-                    tu = co_guess([p_self[:nu], p_self[nu:2 * nu], p_other[:nu], p_other[nu:]], T)
-                    parts += [tu, tu]
-                inputs = torch.cat([views[2 * nu:], views[: 2 * nu]])
-                all_t = torch.cat(parts)
-            mixed_x, mixed_t, _ = mixup(inputs, all_t, d.alpha, generator=ctx.generator)
+        T, C = d.temperature, ctx.num_classes
+        lam_u = lambda_u_at(self.lambda_max, self.train_done + step / steps, d.rampup_epochs)
+        nl, nu = len(lb), len(ub)
+        # Two weak augmentations per sample, drawn in one call: rows [u1; u2; x1; x2].
+        views = ctx.augment(torch.cat([ub, ub, lb, lb]))
+        with torch.no_grad():
             with ctx.autocast():
-                logits = net(mixed_x.contiguous(memory_format=ctx.memory_format))
-            logits = logits.float()
-            zero = logits.new_zeros(())
-            lx = soft_ce(logits[: 2 * nl], mixed_t[: 2 * nl]) if nl else zero
-            lu = ((F.softmax(logits[2 * nl:], dim=1) - mixed_t[2 * nl:]) ** 2).mean() if nu else zero
-            penalty = uniform_prior_penalty(logits)
-            loss = lx + lam_u * lu + penalty
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss")
-            sup.step(loss)
-            for key, v in (("loss", loss), ("lx", lx), ("lu", lu), ("penalty", penalty)):
-                sums[key] += float(v.detach())
-            sup.progress += 1.0 / steps
-        sup.progress = round(sup.progress)
-        out = {key: v / max(steps, 1) for key, v in sums.items()}
-        out.update(lr=lr, labelled=int(len(lab)), steps=steps)
-        return out
+                # The training net guesses in train mode (as the reference and MixMatch do).
+                p_self = F.softmax(sup.model(views).float(), dim=1)
+                p_other = F.softmax(other(views[: 2 * nu]).float(), dim=1) if nu else None
+            parts = []  # targets in the order [x1; x2; u1; u2]
+            if nl:
+                onehot = F.one_hot(self.labels[lb], C).float()
+                tx = co_refine(onehot, w[lb], [p_self[2 * nu:2 * nu + nl], p_self[2 * nu + nl:]], T)
+                parts += [tx, tx]
+            if nu:
+                tu = co_guess([p_self[:nu], p_self[nu:2 * nu], p_other[:nu], p_other[nu:]], T)
+                parts += [tu, tu]
+            inputs = torch.cat([views[2 * nu:], views[: 2 * nu]])
+            all_t = torch.cat(parts)
+        mixed_x, mixed_t, _ = mixup(inputs, all_t, d.alpha, generator=ctx.generator)
+        with ctx.autocast():
+            logits = sup.nets[0](mixed_x.contiguous(memory_format=ctx.memory_format))
+        logits = logits.float()
+        zero = logits.new_zeros(())
+        lx = soft_ce(logits[: 2 * nl], mixed_t[: 2 * nl]) if nl else zero
+        lu = ((F.softmax(logits[2 * nl:], dim=1) - mixed_t[2 * nl:]) ** 2).mean() if nu else zero
+        penalty = uniform_prior_penalty(logits)
+        loss = lx + lam_u * lu + penalty
+        return Step([loss], {"loss": loss.detach(), "lx": lx.detach(), "lu": lu.detach(),
+                             "penalty": penalty.detach()}, 1)
 
     # -- outputs -------------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -466,15 +460,13 @@ class DivideMix(Method):
                         stage_labels=self.labels)
         return view
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """Quality = the last GMM clean probability of the training label, averaged over the two
         nets; refined label = argmax of the summed logits; an issue when quality < p_threshold."""
         prob = self.prob if self.prob is not None else self.clean_probs()
         quality = prob.mean(0).clamp(0.0, 1.0)
         refined = self.predict_logits().argmax(1)
-        return {"refined_label": refined, "label_quality": quality,
-                "is_label_issue": quality < self.cfg.dividemix.p_threshold,
-                "n_stages_selected": torch.zeros_like(self.given)}
+        return LabelReport(refined, quality, quality < self.cfg.dividemix.p_threshold, torch.zeros_like(self.given))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

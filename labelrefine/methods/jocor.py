@@ -10,15 +10,14 @@ kept and ONE optimiser over both networks' parameters takes a step on their mean
 Co-teaching's schedule with ``τ = jocor.forget_rate``; -1 takes the requested noise rate,
 halved for pair-flip noise as in the reference code.
 
-Optimiser: the reference's Adam at lr 1e-3 (``jocor.optimizer=adam``, ``jocor.lr``) with the
-project's lr schedule; ``jocor.optimizer=optim`` uses the shared ``optim`` section instead.
+Optimiser: the reference's Adam at lr 1e-3 without weight decay (``jocor.optimizer=adam``,
+``jocor.lr``) with the project's lr schedule; ``jocor.optimizer=optim`` uses the shared ``optim``
+section (its optimizer, lr and weight decay) instead.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner
 from ..losses import jocor_loss
 from . import register
 from ._small_loss import SmallLossMethod, check_range, forget_rate, resolve_tau, small_loss_index
@@ -37,12 +36,13 @@ class JoCoR(SmallLossMethod):
         check_range(j.num_gradual >= 0, "jocor.num_gradual", "must be >= 0")
         self.tau = resolve_tau(self.cfg, ctx.noise_rate, j.forget_rate, key="jocor.forget_rate",
                                halve_pairflip=True)
-        # One trainer over a ModuleList: a single optimiser holds both networks' parameters.
-        pair = nn.ModuleList([ctx.new_model(), ctx.new_model()])
+        # One learner over both networks: a single optimiser holds both networks' parameters.
         own = j.optimizer == "adam"
-        self.trainers = [Supervised(ctx, self.epochs, model=pair, optimizer="adam" if own else None,
-                                    lr=j.lr if own else None)]
-        self.nets = list(pair)
+        # The reference's Adam has no weight decay; jocor.optimizer=optim takes optim.weight_decay.
+        self.trainers = [Learner(ctx, self.epochs, models=[ctx.new_model(), ctx.new_model()],
+                                 optimizer="adam" if own else None, lr=j.lr if own else None,
+                                 weight_decay=0.0 if own else None)]
+        self.nets = list(self.trainers[0].model)
         self.rate = 0.0
 
     def start_epoch(self, spec: EpochSpec) -> dict[str, float]:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .. import distributed as ddp
-from ..engine import Context, EpochSpec, Supervised
+from ..engine import Context, EpochSpec, Learner
 from ..losses import per_sample_ce
 from . import register
 from ._small_loss import SmallLossMethod, check_range
@@ -56,7 +56,7 @@ class MentorNetPD(SmallLossMethod):
         check_range(0.0 <= m.burn_in <= 1.0, "mentornet.burn_in", f"{m.burn_in} is outside [0, 1]")
         check_range(0.0 <= m.momentum < 1.0, "mentornet.momentum", f"{m.momentum} is outside [0, 1)")
         self.burn_in_epochs = math.floor(m.burn_in * self.epochs + 0.5)
-        self.trainers = [Supervised(ctx, self.epochs)]
+        self.trainers = [Learner(ctx, self.epochs)]
         self.nets = [self.trainers[0].model]
         self.moving: torch.Tensor | None = None  # the moving percentile λ of the per-sample CE
         self.burning_in = True

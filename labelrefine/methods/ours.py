@@ -17,11 +17,13 @@ import time
 
 import torch
 
-from ..engine import Context, EpochSpec, Supervised
+from .. import distributed as ddp
+from ..engine import Context, EpochSpec, Learner
 from ..refine import StageHistory, consensus, select, stage_losses, update_labels
 from . import register
-from .base import Method, SSLInit
-from .ce import iteration_length, stages_of
+from .base import LabelReport, Method, supervised_pass
+from .schedule import iteration_length, refinement_epochs, stages_of
+from .simclr import SSLInit
 
 
 @register
@@ -36,9 +38,10 @@ class Ours(Method):
         r = self.cfg.refine
         model = ctx.new_model()
         self.ssl = SSLInit(ctx, model) if self.cfg.ssl.epochs > 0 else None
-        self.main_epochs = r.warmup_epochs + sum(iteration_length(self.cfg, i) for i in range(1, r.iterations + 1))
-        self.sup = Supervised(ctx, self.main_epochs, model=model)
-        self.finetuner: Supervised | None = None
+        self.main_epochs = r.warmup_epochs + refinement_epochs(self.cfg)
+        # lr_schedule=restart: the warmup has its own cosine, and each iteration restarts it.
+        self.sup = Learner(ctx, r.warmup_epochs if r.lr_schedule == "restart" else self.main_epochs, model=model)
+        self.finetuner: Learner | None = None
         self.all = torch.arange(ctx.n, device=ctx.device)
         self.labels = self.given.clone()  # current training labels
         self.copies = torch.zeros(ctx.n, dtype=torch.bool, device=ctx.device)  # get an augmented copy
@@ -46,6 +49,7 @@ class Ours(Method):
         self.n_stages = torch.zeros(ctx.n, dtype=torch.int64, device=ctx.device)  # over all iterations
         self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl)
         self._view: dict[str, torch.Tensor] = {}  # what the last epoch selected, for the oracle
+        self._recorded: torch.Tensor | None = None  # the training pass's logits at a stage (stage_loss=train)
         # Wall seconds spent in stage evaluation and consensus (a diagnostic for `bench speed`;
         # not checkpointed). Each block ends in a host sync (int(...sum())), so on CUDA the
         # time is the work's, not just its launch.
@@ -72,63 +76,86 @@ class Ours(Method):
                             torch.ones(len(extra), dtype=torch.bool, device=self.ctx.device)])
         return idx, self.labels[idx], strong
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
+    def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
         self._view = {}
-        if spec.phase == "ssl":
-            return self.ssl.run_epoch(spec)
-        if spec.phase == "warmup":
-            logs, _ = self.sup.train_epoch(self.all, self.labels)
-            return logs
-        if spec.phase == "refine":
-            return self._refine_epoch(spec)
-        if spec.phase == "finetune":
-            return self._finetune_epoch(spec)
-        raise ValueError(f"unknown phase {spec.phase!r}")
-
-    def _refine_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        r, ctx = self.cfg.refine, self.ctx
-        if spec.epoch == 1:
-            self.history = StageHistory.empty(ctx.n, ctx.num_classes, ctx.device)
+        r = self.cfg.refine
+        if spec.phase == "refine" and spec.epoch == 1:
+            self.history = StageHistory.empty(self.ctx.n, self.ctx.num_classes, self.ctx.device)
             if spec.iteration > 1 and r.reinit != "none":
-                self._reinit(spec.iteration)
+                self._reinit(spec.iteration)  # a fresh learner: its schedule starts over too
+            elif r.lr_schedule == "restart":
+                self.sup.progress, self.sup.total_epochs = 0.0, float(iteration_length(self.cfg, spec.iteration))
+        if spec.phase == "finetune" and self.finetuner is None:
+            self.finetuner = Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
+                                     lr_scale=self.cfg.finetune.lr_scale)
+        return {}
+
+    def passes(self, spec: EpochSpec):
+        ctx, r, f = self.ctx, self.cfg.refine, self.cfg.finetune
+        if spec.phase == "warmup":
+            return [supervised_pass(ctx, self.sup, self.all, self.labels)]
         idx, targets, strong = self._train_rows()
-        stages = stages_of(self.cfg, spec.iteration)
-        at_stage = spec.epoch in stages
-        record = at_stage and r.stage_loss == "train"
-        logs, recorded = self.sup.train_epoch(idx, targets, strong=strong, loss=r.loss,
-                                              weight=self.cfg.finetune.weight, record=record)
-        if at_stage:
-            t0 = time.perf_counter()
-            # With stage_loss=train the first n rows are the samples themselves, weakly augmented.
-            if record:
-                logits = recorded[: ctx.n]
-            else:
-                logits = ctx.logits_all(self.sup.model)
-                if logits.is_cuda:
-                    torch.cuda.synchronize(logits.device)  # so the split below times the work, not its launch
-                self.refine_eval_seconds += time.perf_counter() - t0
-            losses = stage_losses(logits, self.labels, target=r.loss_target)
-            selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
-                              num_classes=ctx.num_classes, quantile=r.quantile)
-            self.history.record(selected, logits)
-            self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
-            logs["stage_selected"] = int(selected.sum())
-            logs["stage_mean_loss"] = float(losses.mean())
-            self.refine_overhead_seconds += time.perf_counter() - t0
+        if spec.phase == "finetune":
+            return [supervised_pass(ctx, self.finetuner, idx, targets, strong=strong, loss=f.loss, weight=f.weight)]
+        if spec.phase != "refine":
+            raise ValueError(f"unknown phase {spec.phase!r}")
+        self._recorded = None
+        if spec.epoch in stages_of(self.cfg, spec.iteration) and r.stage_loss == "train":
+            self._recorded = torch.full((len(idx), ctx.num_classes), float("nan"), device=ctx.device)
+        return [supervised_pass(ctx, self.sup, idx, targets, strong=strong, loss=r.loss, weight=f.weight,
+                                record=self._recorded)]
+
+    def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
+        logs = dict(parts[0])
+        if spec.phase != "refine":
+            return logs
+        if spec.epoch in stages_of(self.cfg, spec.iteration):
+            logs.update(self._stage())
         if spec.epoch == iteration_length(self.cfg, spec.iteration):
-            t0 = time.perf_counter()
-            mask, pseudo = consensus(self.history, require_agreement=r.require_agreement,
-                                     label_source=r.label_source)
-            new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
-            logs["pseudo_labelled"] = int(mask.sum())
-            logs["labels_changed"] = int((new != self.labels).sum())
-            logs["labels_differ_from_given"] = int((new != self.given).sum())
-            self.labels = new
-            self.copies = mask
-            self._view["pseudo_mask"] = mask
-            self.n_stages += self.history.n_selected
-            self.history = None
-            self.refine_overhead_seconds += time.perf_counter() - t0
+            logs.update(self._consensus())
+        return logs
+
+    def _stage(self) -> dict[str, float]:
+        """A stage: score every sample, select the low-loss ones, record them in the history."""
+        r, ctx = self.cfg.refine, self.ctx
+        t0 = time.perf_counter()
+        # With stage_loss=train the first n rows are the samples themselves, weakly augmented.
+        if self._recorded is not None:
+            recorded = self._recorded
+            if ctx.world > 1:  # every rank filled only its own rows
+                recorded = ddp.all_reduce_sum(torch.nan_to_num(recorded, nan=0.0))
+            logits = recorded[: ctx.n]
+            self._recorded = None
+        else:
+            logits = ctx.logits_all(self.sup.model)
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)  # so the split below times the work, not its launch
+            self.refine_eval_seconds += time.perf_counter() - t0
+        losses = stage_losses(logits, self.labels, target=r.loss_target)
+        selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
+                          num_classes=ctx.num_classes, quantile=r.quantile)
+        self.history.record(selected, logits)
+        self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
+        self.refine_overhead_seconds += time.perf_counter() - t0
+        return {"stage_selected": int(selected.sum()), "stage_mean_loss": float(losses.mean())}
+
+    def _consensus(self) -> dict[str, float]:
+        """The end of an iteration: pseudo-labels for the samples selected at every stage."""
+        r = self.cfg.refine
+        t0 = time.perf_counter()
+        mask, pseudo = consensus(self.history, require_agreement=r.require_agreement, label_source=r.label_source)
+        new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
+        logs = {"pseudo_labelled": int(mask.sum()), "labels_changed": int((new != self.labels).sum()),
+                "labels_differ_from_given": int((new != self.given).sum())}
+        self.labels = new
+        # A copy for every sample that carries a pseudo-label: with keep_previous an earlier
+        # iteration's pseudo-label survives, so its copy does too (copies=pseudo_labelled).
+        keep = r.copies == "pseudo_labelled" and r.keep_previous
+        self.copies = mask | self.copies if keep else mask
+        self._view["pseudo_mask"] = mask
+        self.n_stages += self.history.n_selected
+        self.history = None
+        self.refine_overhead_seconds += time.perf_counter() - t0
         return logs
 
     def _reinit(self, iteration: int) -> None:
@@ -137,15 +164,7 @@ class Ours(Method):
         model = ctx.new_model()
         if self.cfg.refine.reinit == "ssl" and self.init_state is not None:
             model.load_state_dict(self.init_state)
-        self.sup = Supervised(ctx, iteration_length(self.cfg, iteration), model=model)
-
-    def _finetune_epoch(self, spec: EpochSpec) -> dict[str, float]:
-        f = self.cfg.finetune
-        if self.finetuner is None:
-            self.finetuner = Supervised(self.ctx, f.epochs, model=self.sup.model, lr_scale=f.lr_scale)
-        idx, targets, strong = self._train_rows()
-        logs, _ = self.finetuner.train_epoch(idx, targets, strong=strong, loss=f.loss, weight=f.weight)
-        return logs
+        self.sup = Learner(ctx, iteration_length(self.cfg, iteration), model=model)
 
     def on_supervised_start(self) -> None:
         """Remember the initial (SimCLR) weights for ``reinit=ssl``."""
@@ -162,12 +181,11 @@ class Ours(Method):
     def oracle_view(self) -> dict[str, torch.Tensor]:
         return {"labels": self.labels, **self._view}
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """Refined label = the final training label; quality = the final model's p(given label)."""
         probs = torch.softmax(self.predict_logits(), dim=1)
         quality = probs.gather(1, self.given[:, None]).squeeze(1)
-        return {"refined_label": self.labels.clone(), "label_quality": quality,
-                "is_label_issue": self.labels != self.given, "n_stages_selected": self.n_stages.clone()}
+        return LabelReport(self.labels.clone(), quality, self.labels != self.given, self.n_stages.clone())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -181,11 +199,11 @@ class Ours(Method):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.sup = Supervised(self.ctx, state["sup"]["total_epochs"], model=self.sup.model)
+        self.sup = Learner(self.ctx, state["sup"]["total_epochs"], model=self.sup.model)
         self.sup.load_state_dict(state["sup"])
         if state["finetuner"] is not None:
-            self.finetuner = Supervised(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
-                                        lr_scale=self.cfg.finetune.lr_scale)
+            self.finetuner = Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
+                                     lr_scale=self.cfg.finetune.lr_scale)
             self.finetuner.load_state_dict(state["finetuner"])
         if self.ssl is not None and state["ssl"] is not None:
             self.ssl.load_state_dict(state["ssl"])

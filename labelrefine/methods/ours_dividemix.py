@@ -26,7 +26,7 @@ from torch import nn
 
 from ..engine import Context, EpochSpec
 from . import register
-from .base import Method
+from .base import LabelReport, Method
 from .dividemix import DivideMix, dividemix_specs, encoder_weights
 from .ours import Ours
 
@@ -67,12 +67,13 @@ class OursDivideMix(Method):
         if self.init == "ssl" and self.encoder is None and self.dm is None:
             self.encoder = encoder_weights(self.ours.sup.model)
 
-    def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
+    def handler(self, spec: EpochSpec):
+        """The DivideMix stage for its phases (built at its first epoch), else the ``ours`` part."""
         if spec.phase in self.PHASES:
             if self.dm is None:
                 self.dm = self._new_dividemix(fresh=True)
-            return self.dm.run_epoch(spec)
-        return self.ours.run_epoch(spec)
+            return self.dm.handler(spec)
+        return self.ours.handler(spec)
 
     def _new_dividemix(self, *, fresh: bool) -> DivideMix:
         """The DivideMix stage; ``fresh=False`` when its state is about to be loaded anyway."""
@@ -96,16 +97,16 @@ class OursDivideMix(Method):
     def oracle_view(self) -> dict[str, torch.Tensor]:
         return self.dm.oracle_view() if self.dm is not None else self.ours.oracle_view()
 
-    def label_report(self) -> dict[str, torch.Tensor]:
+    def label_report(self) -> LabelReport:
         """DivideMix's report, with the quality of a given label that the refinement replaced set to
         0 (DivideMix's GMM then judged the refined label, not the given one); refined label = the
         DivideMix prediction; ``n_stages_selected`` from the refinement."""
         if self.dm is None:
             return self.ours.label_report()
         out = self.dm.label_report()
-        out["label_quality"] = out["label_quality"] * (self.dm.labels == self.given).float()
-        out["is_label_issue"] = out["label_quality"] < self.cfg.dividemix.p_threshold
-        out["n_stages_selected"] = self.ours.n_stages.clone()
+        out.label_quality = out.label_quality * (self.dm.labels == self.given).float()
+        out.is_label_issue = out.label_quality < self.cfg.dividemix.p_threshold
+        out.n_stages_selected = self.ours.n_stages.clone()
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------

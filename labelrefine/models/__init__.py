@@ -1,5 +1,9 @@
-"""Models: image classifiers registered by name (see :mod:`labelrefine.models.backbones`)."""
+"""Models: image classifiers registered by name (see :mod:`labelrefine.models.backbones`).
 
+Every module here that defines a backbone is imported below so that it registers itself.
+"""
+
+from .airbench import AirbenchNet, whiten_init  # importing it registers "airbench"
 from .backbones import (
     BACKBONES,
     Classifier,
@@ -10,5 +14,5 @@ from .backbones import (
     register_backbone,
 )
 
-__all__ = ["BACKBONES", "Classifier", "create_backbone", "encoder_state", "is_classifier_key", "list_backbones",
-           "register_backbone"]
+__all__ = ["BACKBONES", "AirbenchNet", "Classifier", "create_backbone", "encoder_state", "is_classifier_key",
+           "list_backbones", "register_backbone", "whiten_init"]

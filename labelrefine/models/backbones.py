@@ -1,8 +1,8 @@
 """Image classifiers, registered by name and built with :func:`create_backbone`.
 
 Every model is a :class:`Classifier`: ``features(x)`` maps a float batch ``(B, C, H, W)`` to
-``(B, feat_dim)`` after a global average pool (so any input of at least 8×8 pixels works:
-8×8 digits, 28×28 X-rays, 32×32 CIFAR, 64+ px histopathology), and ``forward(x)`` is
+``(B, feat_dim)`` after a global pool (average; ``airbench``: max), so any input of at least
+8×8 pixels works (8×8 digits, 28×28 X-rays, 32×32 CIFAR, 64+ px histopathology), and ``forward(x)`` is
 ``fc(features(x))``. SimCLR pretraining uses ``features`` and ``feat_dim`` to attach its
 projection head; :meth:`Classifier.reset_classifier` swaps the linear head.
 
@@ -13,6 +13,10 @@ Registered backbones (see :func:`list_backbones`):
 * ``resnet18_cifar`` / ``resnet34_cifar`` - BasicBlock ResNet-18/34 (He et al., CVPR 2016)
   with the CIFAR stem and a ``width`` knob (channels ``w, 2w, 4w, 8w``). Width 16 gives about
   0.7 M parameters and trains at about 500 img/s on 2 CPU cores: the CPU profile.
+* ``airbench`` - the airbench94-style VGG net (Jordan 2024, arXiv 2404.00498) in
+  :mod:`labelrefine.models.airbench`: a frozen 2×2 patch-whitening conv (fit it with
+  ``whiten_init``) and three conv groups ``w, 4w, 4w``; ``width=64`` ≈ 1.97 M parameters. Its
+  features are a global *max* pool.
 * ``tiny`` - two conv blocks, for tests.
 
 The "CIFAR stem" is a 3×3 stride-1 convolution with no max-pool: the ImageNet stem (7×7
@@ -66,7 +70,7 @@ class Classifier(nn.Module):
         return self.fc.out_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` float -> ``(B, feat_dim)`` float, after global average pooling."""
+        """``(B, C, H, W)`` float -> ``(B, feat_dim)`` float, after a global (average or max) pool."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

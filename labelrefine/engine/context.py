@@ -1,36 +1,29 @@
-"""The training engine: device, AMP, data on the device, batching, the shared supervised loop.
+"""What a method runs on: the device, AMP, the training data on the device, batching, augmentation.
 
-A method (``labelrefine.methods``) is a small state machine over a flat list of epochs
-(:class:`EpochSpec`). The engine (:func:`labelrefine.run.run`) asks it for that schedule, calls
-``run_epoch`` for each entry, evaluates after every supervised epoch and checkpoints. Methods
-get everything they need from a :class:`Context`:
+A :class:`Context` is built once per run. It holds:
 
 * the training images as a uint8 ``N×C×H×W`` tensor *on the device*, and the noisy labels;
 * batched, per-sample-random augmentation on the device (weak, strong, none);
 * a seeded generator for batch order, model construction, autocast, and whole-set scoring.
 
-Nothing here sees clean labels.
+Nothing here sees clean labels. The loop that uses it is :mod:`labelrefine.engine.trainer`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as ddp
-from .config import RunConfig
-from .data.augment import channel_stats, make_augment
-from .data.noise import resolve_noise_type
-from .errors import UserError
-from .losses import softmax_weighted_ce
-from .models import create_backbone
-from .progress import progress
+from .. import distributed as ddp
+from ..config import RunConfig
+from ..data.augment import channel_stats, make_augment
+from ..data.noise import resolve_noise_type
+from ..errors import UserError
+from ..models import create_backbone
 
 
 @dataclass(frozen=True)
@@ -277,148 +270,3 @@ class Context:
 def backbone_kwargs(cfg: RunConfig) -> dict:
     """Constructor options of the configured backbone (``tiny`` keeps its own width)."""
     return {} if cfg.model.backbone in ("tiny", "tiny_gn") else {"width": cfg.model.width}
-
-
-def lr_factor(progress: float, total: float, schedule: str, warmup: float = 0.0) -> float:
-    """Multiplier of the peak lr after ``progress`` of ``total`` epochs (fractions allowed)."""
-    if warmup > 0 and progress < warmup:
-        return (progress + 1e-3) / warmup
-    if schedule == "constant" or total <= 0:
-        return 1.0
-    t = min(max(progress / total, 0.0), 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class Supervised:
-    """One network with its optimizer and lr schedule: the loop shared by single-net methods.
-
-    The lr follows ``optim.schedule`` over ``total_epochs`` of this trainer, evaluated per step
-    from the fractional epoch count, so the schedule survives a resume and epochs of different
-    lengths (the augmented copies make refinement epochs longer).
-    """
-
-    def __init__(self, ctx: Context, total_epochs: float, *, model: nn.Module | None = None,
-                 lr_scale: float = 1.0, optimizer: str | None = None, lr: float | None = None):
-        self.ctx = ctx
-        o = ctx.cfg.optim
-        self.model = model if model is not None else ctx.new_model()
-        self.total_epochs = float(total_epochs)
-        self.base_lr = (o.lr if lr is None else lr) * lr_scale
-        self.progress = 0.0  # epochs done, fractional
-        self.optimizer = make_optimizer(self.model.parameters(), ctx.cfg, self.base_lr, kind=optimizer)
-        self.scaler = ctx.grad_scaler()
-
-    def set_lr(self) -> float:
-        o = self.ctx.cfg.optim
-        lr = self.base_lr * lr_factor(self.progress, self.total_epochs, o.schedule, o.warmup_lr_epochs)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
-
-    def step(self, loss: torch.Tensor) -> None:
-        optimizer_step(self.optimizer, self.scaler, loss)
-
-    def train_epoch(
-        self,
-        indices: torch.Tensor,
-        targets: torch.Tensor,
-        *,
-        strong: torch.Tensor | None = None,
-        loss: str = "ce",
-        weight: str = "max_prob",
-        sample_weights: torch.Tensor | None = None,
-        record: bool = False,
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """One pass over ``indices`` (duplicates allowed) with per-row ``targets``.
-
-        Args:
-            indices: ``(M,)`` sample indices into the context's images.
-            targets: ``(M,)`` labels, one per row of ``indices``.
-            strong: ``(M,)`` bool, rows that get the strong (SimCLR) augmentation.
-            loss: ``ce`` or ``weighted_ce`` (softmax-weighted CE, paper 2).
-            weight: the weighted-CE weight, ``max_prob`` or ``target_prob``.
-            sample_weights: ``(M,)`` optional fixed per-row weights (MentorNet).
-            record: also return each row's logits ``(M, C)`` as seen during training.
-        """
-        ctx = self.ctx
-        self.model.train()
-        m = len(indices)
-        bs = ctx.cfg.optim.batch_size
-        smoothing = ctx.cfg.optim.label_smoothing
-        recorded = torch.full((m, ctx.num_classes), float("nan"), device=ctx.device) if record else None
-        rows = torch.arange(m, device=ctx.device)
-        total, count, lr = 0.0, 0, self.base_lr
-        # Drop the final partial batch (BatchNorm statistics of a few samples are noise), except
-        # when every row's logits must be recorded.
-        batches = ctx.batches(rows, bs, drop_last=m > bs and not record, sample_ids=indices)
-        steps = max(1, len(batches))
-        for batch_rows in progress(batches, total=steps, desc="train", unit="batch", inner=True):
-            lr = self.set_lr()
-            x = ctx.augment(indices[batch_rows], None if strong is None else strong[batch_rows])
-            y = targets[batch_rows]
-            with ctx.autocast():
-                logits = self.model(x)
-            logits = logits.float()
-            if loss == "weighted_ce":
-                value = softmax_weighted_ce(logits, y, weight=weight)
-                per = None
-            else:
-                per = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)
-                if sample_weights is not None:
-                    w = sample_weights[batch_rows]
-                    value = (per * w).sum() / w.sum().clamp_min(1.0)
-                else:
-                    value = per.mean()
-            if not torch.isfinite(value):
-                raise FloatingPointError("non-finite loss")
-            self.step(value)
-            if recorded is not None:
-                recorded[batch_rows] = logits.detach()
-            total += float(value.detach()) * len(batch_rows)
-            count += len(batch_rows)
-            self.progress += 1.0 / steps
-        self.progress = round(self.progress)
-        if recorded is not None and ctx.world > 1:  # every rank filled only its own rows
-            recorded = ddp.all_reduce_sum(torch.nan_to_num(recorded, nan=0.0))
-        if ctx.world > 1:
-            sums = ddp.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
-            total, count = float(sums[0]), int(sums[1])
-        return {"loss": total / max(count, 1), "lr": lr, "samples": count}, recorded
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "progress": self.progress, "total_epochs": self.total_epochs,
-                "scaler": None if self.scaler is None else self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = state["progress"]
-        self.total_epochs = state["total_epochs"]
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   loss: torch.Tensor) -> None:
-    """Backward and step, through the fp16 GradScaler when there is one."""
-    optimizer.zero_grad(set_to_none=True)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        ddp.all_reduce_grads(params)  # data parallel: the mean gradient of the global batch
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        ddp.all_reduce_grads(params)
-        optimizer.step()
-
-
-def make_optimizer(params, cfg: RunConfig, lr: float, *, kind: str | None = None) -> torch.optim.Optimizer:
-    """``optim.optimizer`` (or ``kind``: sgd | adam) with the ``optim`` section's settings."""
-    o = cfg.optim
-    if (kind or o.optimizer) == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov and o.momentum > 0)

@@ -1,4 +1,4 @@
-"""SimCLR pretraining (Chen et al., ICML 2020), epoch by epoch, with an on-disk encoder cache.
+"""SimCLR pretraining (Chen et al., ICML 2020) as a method's ``ssl`` phase, with an on-disk encoder cache.
 
 The papers pretrain the backbone with SimCLR for 30 epochs before any supervised training. It
 uses no labels, so the encoder is cached on disk, keyed by the image content, the backbone, the
@@ -12,22 +12,20 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as ddp
-from .engine import Context, backbone_kwargs, lr_factor, optimizer_step, to_device
-from .errors import UserError
-from .losses import nt_xent
-from .models import encoder_state, is_classifier_key
-from .progress import progress
-from .store import LegacyFile, StoreError
-from .store import load as store_load
-from .store import save as store_save
+from .. import distributed as ddp
+from ..engine import Context, EpochSpec, Learner, Pass, Step, backbone_kwargs, to_device
+from ..errors import UserError
+from ..losses import nt_xent
+from ..models import encoder_state, is_classifier_key
+from ..store import LegacyFile, StoreError
+from ..store import load as store_load
+from ..store import save as store_save
 
 log = logging.getLogger("labelrefine")
 
@@ -117,6 +115,18 @@ def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
     log.info("SimCLR encoder cached at %s", path)
 
 
+class SimCLRNet(nn.Module):
+    """The encoder (``model.features``) and the projection head as one module: what SimCLR's training
+    forward calls, and what the data-parallel wrapper holds (the classifier ``fc`` is not part of it)."""
+
+    def __init__(self, model: nn.Module, head: ProjectionHead):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.features(x))
+
+
 class SimCLR:
     """SimCLR on the context's ``ssl_images``: two strong views per image, NT-Xent, SGD + cosine.
 
@@ -131,57 +141,99 @@ class SimCLR:
         params = [p for n, p in model.named_parameters() if not is_classifier_key(n)]
         params += list(self.head.parameters())
         self.batch_size = min(s.batch_size, ctx.ssl_n)  # global batch (data parallel: split over ranks)
-        self.base_lr = s.lr * self.batch_size / 256
-        self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        self.scaler = ctx.grad_scaler()
-        self.progress = 0.0
+        base_lr = s.lr * self.batch_size / 256
+        optimizer = torch.optim.SGD(params, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        # fc takes no part in SimCLR: frozen while the data-parallel wrapper records what it averages.
+        fc = [p for n, p in model.named_parameters() if is_classifier_key(n)]
+        for p in fc:
+            p.requires_grad_(False)
+        self.learner = Learner(ctx, s.epochs, model=model, torch_optimizer=optimizer, base_lr=base_lr,
+                               schedule="cosine", warmup=0.0, wrap=[SimCLRNet(model, self.head)])
+        for p in fc:
+            p.requires_grad_(True)
         self.images = to_device(ctx.ssl_images, ctx.device)
 
-    def train_epoch(self) -> dict[str, float]:
-        ctx, s = self.ctx, self.ctx.cfg.ssl
-        self.model.train()
-        self.head.train()
+    def pass_(self) -> Pass:
+        """One epoch over this rank's SSL images, full batches only."""
+        ctx = self.ctx
         n = self.images.shape[0]  # this rank's images (all of them without data parallelism)
-        total, count, lr = 0.0, 0, self.base_lr
         batches = ctx.batches(torch.arange(n, device=ctx.device), self.batch_size, drop_last=True,
                               rank_counts=ddp.counts(ctx.ssl_n))
-        steps = max(1, len(batches))
-        for idx in progress(batches, total=steps, desc="simclr", unit="batch", inner=True):
-            lr = self.base_lr * lr_factor(self.progress, s.epochs, "cosine")
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            x = self.images[idx]
-            views = torch.cat([ctx.aug_strong(x), ctx.aug_strong(x)]).contiguous(memory_format=ctx.memory_format)
-            loss = self.step(views, len(idx))
-            total += float(loss) * len(idx)
-            count += len(idx)
-            self.progress += 1.0 / steps
-        self.progress = float(math.floor(self.progress + 0.5))
-        return {"loss": total / max(count, 1), "lr": lr, "samples": count}
+        return Pass(batches, [self.learner], self.step, desc="simclr", extra_train=[self.head])
 
-    def step(self, views: torch.Tensor, n: int) -> torch.Tensor:
-        """One optimisation step on ``2n`` float views, rows ``[view 1 of n images; view 2]``.
+    def step(self, idx: torch.Tensor) -> Step:
+        x = self.images[idx]
+        views = torch.cat([self.ctx.aug_strong(x), self.ctx.aug_strong(x)])
+        loss = self.loss(views.contiguous(memory_format=self.ctx.memory_format), len(idx))
+        return Step([loss], {"loss": loss.detach()}, len(idx))
 
-        Returns the detached loss. ``labelrefine bench speed`` feeds the same step from
-        pre-made views (the model-only limit) and from a torchvision DataLoader (the peer pipeline).
+    def loss(self, views: torch.Tensor, n: int) -> torch.Tensor:
+        """NT-Xent of ``2n`` float views, rows ``[view 1 of n images; view 2]``.
+
+        ``labelrefine bench speed`` feeds it pre-made views (the model-only limit) and views from a
+        torchvision DataLoader (the peer pipeline).
         """
         ctx = self.ctx
         with ctx.autocast():
-            z = self.head(self.model.features(views))
+            z = self.learner.nets[0](views)
         z = z.float()
-        loss = nt_xent(z[:n], z[n:], temperature=ctx.cfg.ssl.temperature)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss")
-        optimizer_step(self.optimizer, self.scaler, loss)
-        return loss.detach()
+        return nt_xent(z[:n], z[n:], temperature=ctx.cfg.ssl.temperature)
 
     def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "progress": self.progress, "scaler": None if self.scaler is None else self.scaler.state_dict()}
+        lr = self.learner
+        return {"head": self.head.state_dict(), "optimizer": lr.optimizer.state_dict(),
+                "progress": lr.progress, "scaler": None if lr.scaler is None else lr.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        lr = self.learner
         self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = state["progress"]
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        lr.optimizer.load_state_dict(state["optimizer"])
+        lr.progress = state["progress"]
+        if lr.scaler is not None and state.get("scaler") is not None:
+            lr.scaler.load_state_dict(state["scaler"])
+
+
+class SSLInit:
+    """SimCLR pretraining as the first phase of a method (ours, ce_ssl, ours_dividemix, dividemix).
+
+    :meth:`specs` gives the SSL epochs still to run: none when the encoder cache already holds
+    this pretraining (then the model is loaded from it at construction). It is the Trainer's
+    handler of the ``ssl`` phase (:meth:`labelrefine.methods.base.Method.handler`).
+    """
+
+    def __init__(self, ctx: Context, model: nn.Module):
+        self.ctx = ctx
+        self.model = model
+        self.epochs = ctx.cfg.ssl.epochs
+        self.cached = self.epochs > 0 and load_cached_encoder(ctx, model)
+        self.trainer: SimCLR | None = None if self.cached or self.epochs == 0 else SimCLR(ctx, model)
+
+    def specs(self) -> list[EpochSpec]:
+        if self.trainer is None:
+            return []
+        return [EpochSpec("ssl", 0, e, supervised=False) for e in range(1, self.epochs + 1)]
+
+    def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
+        return {}
+
+    def passes(self, spec: EpochSpec) -> list[Pass]:
+        assert self.trainer is not None
+        return [self.trainer.pass_()]
+
+    def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
+        logs = parts[0]
+        if spec.epoch == self.epochs:
+            save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"]})
+            self.trainer = None  # free the projection head, its optimizer and the SSL image copy
+        return logs
+
+    def state_dict(self) -> dict:
+        return {"trainer": None if self.trainer is None else self.trainer.state_dict(), "cached": self.cached}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["trainer"] is None:
+            self.trainer = None
+        else:
+            if self.trainer is None:
+                self.trainer = SimCLR(self.ctx, self.model)
+            self.trainer.load_state_dict(state["trainer"])

@@ -1,0 +1,139 @@
+"""A finished run's outputs: ``labels.csv``, ``model.pt``, ``summary.json``, the report, and the
+:class:`RunResult` that hands the same things to callers in memory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import distributed as ddp
+from .config import RunConfig, config_hash, config_to_dict
+from .data.noise import check_noise_type
+from .data.splits import Prepared
+from .engine import Context, backbone_kwargs
+from .evaluation import Oracle
+from .io import write_csv, write_json
+from .methods.base import LabelReport
+from .predict import MODEL_FORMAT, Predictor
+from .store import save as store_save
+
+log = logging.getLogger("labelrefine")
+
+#: The columns of ``labels.csv`` and of :meth:`RunResult.label_table`.
+LABEL_COLUMNS = ["id", "given_label", "refined_label", "label_quality", "is_label_issue", "n_stages_selected"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`labelrefine.pipeline.run` returns, in memory (the files hold the same).
+
+    Attributes:
+        summary: the content of ``summary.json``.
+        labels: the method's per-sample label report (on the CPU), in training-sample order.
+        ids: the training samples' ids; classes: the class names; given: the given (noisy) labels.
+        predictor: the selected model (the epoch of best noisy-validation accuracy), as ``model.pt``.
+        out: the run directory.
+    """
+
+    summary: dict
+    labels: LabelReport
+    ids: list[str]
+    classes: list[str]
+    given: torch.Tensor
+    predictor: Predictor | None
+    out: Path
+
+    def order(self) -> list[int]:
+        """Sample positions, suspected errors first (ascending quality; ties keep sample order)."""
+        return torch.argsort(self.labels.label_quality, stable=True).tolist()
+
+    def label_table(self):
+        """``labels.csv`` as a pandas DataFrame (``label_quality`` unrounded; the CSV has 6 decimals)."""
+        import pandas as pd
+
+        rep, order = self.labels, self.order()
+        names = self.classes
+        return pd.DataFrame({
+            "id": [self.ids[i] for i in order],
+            "given_label": [names[int(self.given[i])] for i in order],
+            "refined_label": [names[int(rep.refined_label[i])] for i in order],
+            "label_quality": rep.label_quality[order].double().numpy(),
+            "is_label_issue": rep.is_label_issue[order].bool().numpy(),
+            "n_stages_selected": rep.n_stages_selected[order].long().numpy(),
+        }, columns=LABEL_COLUMNS)
+
+
+def write_labels(path: Path, result: RunResult) -> None:
+    rep, names = result.labels, result.classes
+    rows = [[result.ids[i], names[int(result.given[i])], names[int(rep.refined_label[i])],
+             f"{float(rep.label_quality[i]):.6f}", bool(rep.is_label_issue[i]), int(rep.n_stages_selected[i])]
+            for i in result.order()]
+    write_csv(path, LABEL_COLUMNS, rows)
+
+
+def model_blob(cfg: RunConfig, ctx: Context, method, state: dict, classes: list[str], version: str) -> dict:
+    """The content of ``model.pt``: the best-validation epoch's networks (the last epoch's without
+    a validation split) and what prediction needs (backbone, input shape, normalisation, classes)."""
+    best = state["best"]
+    nets = best["networks"] if best is not None else {k: v.state_dict() for k, v in method.networks().items()}
+    return {"format": MODEL_FORMAT, "method": cfg.method, "backbone": cfg.model.backbone,
+            "backbone_kwargs": backbone_kwargs(cfg), "in_channels": ctx.channels, "image_size": list(ctx.image_size),
+            "num_classes": ctx.num_classes, "classes": classes, "mean": list(ctx.mean), "std": list(ctx.std),
+            "networks": nets, "selected_epoch": None if best is None else best["epoch"],
+            "config": config_to_dict(cfg), "code_version": version}
+
+
+def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: LabelReport,
+               oracle: Oracle | None, t_data: float, version: str) -> dict:
+    best = state["best"]
+    summary = {
+        "method": cfg.method, "data": cfg.data.spec, "dataset": prep.name, "seed": cfg.seed,
+        "noise": {"type": cfg.data.noise, "requested_rate": cfg.data.noise_rate if check_noise_type(cfg.data.noise)
+                  else None, "achieved_rate": prep.noise.rate, "seed": cfg.data.noise_seed},
+        "n_train": len(prep.train), "n_val": 0 if prep.val is None else len(prep.val),
+        "n_test": 0 if prep.test is None else len(prep.test),
+        "final_test_acc": state["last_test"], "final_val_acc": state["last_val"],
+        "best_val_acc": None if best is None else best["val_acc"],
+        "best_val_epoch": None if best is None else best["epoch"],
+        "best_val_test_acc": None if best is None else best["test_acc"],
+        "n_label_issues": int(rep.is_label_issue.sum()),
+        "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
+                    "total_training": round(state["elapsed"], 3)},
+        "config_hash": config_hash(cfg), "code_version": version,
+        "torch": torch.__version__, "device": str(ctx.device),
+        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if oracle is not None:
+        summary.update(oracle.final_metrics(rep.refined_label, rep.is_label_issue))
+    return summary
+
+
+def finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, state: dict,
+           oracle: Oracle | None, t_data: float, version: str) -> RunResult | None:
+    """Write every artifact of a trained run (rank 0) and return them as a :class:`RunResult`."""
+    rep = method.label_report().cpu()  # every rank: it may gather over ranks
+    if not ddp.is_main():
+        return None
+    blob = model_blob(cfg, ctx, method, state, prep.classes, version)
+    summary = summary_of(cfg, prep, ctx, state, rep, oracle, t_data, version)
+    result = RunResult(summary=summary, labels=rep, ids=list(prep.train.ids), classes=list(prep.classes),
+                       given=prep.train.labels, predictor=None, out=out)
+    write_labels(out / "labels.csv", result)
+    store_save(out / "model.pt", blob, kind=MODEL_FORMAT)
+    try:
+        from .report import write_report
+
+        write_report(out, summary, rep, prep.train.labels, prep.classes, prep.train.images, prep.train.ids,
+                     predict_logits=method.predict_logits)
+    except ImportError as e:  # matplotlib missing: the run's results stand without the report
+        log.warning("report skipped: %s", e)
+    # Last: summary.json marks the run finished (bench reuses a run that has one), so a run killed
+    # before it is resumed and every artifact above is written again.
+    write_json(out / "summary.json", summary)
+    with torch.random.fork_rng(devices=[]):  # building the networks draws initial weights: not from the run's RNG
+        result.predictor = Predictor(blob)
+    return result
