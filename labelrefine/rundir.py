@@ -180,7 +180,7 @@ def _unlock(c: _Claim, *, failed: bool) -> None:
 def claim(out: str | os.PathLike, *, writer: bool | None = None) -> Iterator[None]:
     """Hold ``out`` for this process: create it, lock it, release it on exit.
 
-    Re-entrant within a process (the CLI claims before its slow imports, :func:`labelrefine.run.run`
+    Re-entrant within a process (the CLI claims before its slow imports, :func:`labelrefine.pipeline.run`
     claims again). If the body fails, the directories the claim created are removed again when
     they are empty, so a refused or failed command leaves nothing behind. ``writer`` (default:
     :func:`is_writer`) False makes it a no-op (torchrun ranks other than 0).
