@@ -18,7 +18,7 @@ from .context import (
     to_device,
 )
 from .optim import Learner, lr_factor, make_optimizer
-from .trainer import Pass, Step, Trainer, merge_parts, run_schedule
+from .trainer import Pass, Step, Trainer, merge_parts
 
 __all__ = [
     "Context",
@@ -34,6 +34,5 @@ __all__ = [
     "make_optimizer",
     "merge_parts",
     "resolve_device",
-    "run_schedule",
     "to_device",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,14 @@ class Pass:
         learners: stepped in this order at every batch, one loss each; put in train mode first.
         step: the training step ``step(batch) -> Step``.
         desc: the progress bar's label.
-        count_key: the log key of the summed ``Step.size`` (``samples``, or ``steps`` for per-step means).
+        extra_train: other modules to put in train mode (SimCLR's projection head).
     """
 
     batches: Sequence[Any]
     learners: list[Learner]
     step: Callable[[Any], Step]
     desc: str = "train"
-    count_key: str = "samples"
-    extra_train: list[torch.nn.Module] = field(default_factory=list)  # other modules in train mode (a head)
+    extra_train: list[torch.nn.Module] = field(default_factory=list)
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -139,7 +138,7 @@ class Trainer:
             total = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64))
             sums = {k: float(v) for k, v in zip(keys, total[:-1], strict=True)}
             count = int(total[-1])
-        return {**{k: v / max(count, 1) for k, v in sums.items()}, "lr": lr, p.count_key: count}
+        return {**{k: v / max(count, 1) for k, v in sums.items()}, "lr": lr, "samples": count}
 
     def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
         """One schedule entry: the handler's start hook, its passes, its end hook; the epoch's logs."""
@@ -242,8 +241,3 @@ def epoch_line(r: dict, total: int) -> str:
     parts.append(f"{r['seconds']:.1f}s")
     return " ".join(parts)
 
-
-def run_schedule(ctx: Context, method, specs: Iterable[EpochSpec]) -> list[dict]:
-    """Train ``method`` through ``specs`` with no evaluation or files (``bench speed``, tests)."""
-    trainer = Trainer(ctx, method)
-    return [trainer.run_epoch(spec) for spec in specs]
