@@ -75,87 +75,6 @@ class SSLConfig:
 
 
 @dataclass
-class RefineConfig:
-    warmup_epochs: int = 5  # CE warmup on the noisy labels (papers: 5)
-    iterations: int = 4  # refinement iterations (papers: 4)
-    first_stages: list[int] = field(default_factory=lambda: [2, 3, 4])  # stage epochs of iteration 1 (papers)
-    later_stages: list[int] = field(default_factory=lambda: [2, 5, 7])  # stage epochs of later iterations (papers)
-    iteration_epochs: int = 0  # epochs per iteration; 0 = the iteration's last stage epoch (open question)
-    # Per-sample stage CE below this selects the sample (papers: 1.0, against the label). Against the
-    # prediction, 0.3 (max p > 0.74) keeps a weak model from relabelling (docs/refine-options.md).
-    threshold: float = 0.3
-    threshold_mode: Literal["fixed", "class_quantile"] = "fixed"  # class_quantile: per-class loss quantile
-    quantile: float = 0.5  # class_quantile: fraction of each (current) class selected at a stage
-    # Stage CE against the model's argmax (corrects labels) or the current label (only selects);
-    # the default is measured in docs/refine-options.md.
-    loss_target: Literal["prediction", "label"] = "prediction"
-    require_agreement: bool = True  # also require the same predicted class at every stage
-    label_source: Literal["last", "mean"] = "mean"  # pseudo-label: argmax at the last stage or of the stage mean
-    keep_previous: bool = True  # unselected samples keep their previous pseudo-label (False: revert to given)
-    stage_loss: Literal["eval", "train"] = "eval"  # eval: a clean no-augmentation pass; train: losses of the epoch
-    reinit: Literal["none", "ssl", "random"] = "none"  # re-initialise the model at each iteration's start
-    augment_copies: bool = True  # add pseudo-labelled samples again as strongly augmented copies (papers)
-    # Which samples get a copy: every sample whose training label is a pseudo-label (from any
-    # iteration), or only those of the latest iteration's consensus (the behaviour before 0.1.1).
-    copies: Literal["pseudo_labelled", "latest"] = "pseudo_labelled"
-    # lr schedule: one cosine over warmup + all iterations, or a restart (a fresh cosine, same
-    # optimizer and weights) for the warmup and for each iteration (open question).
-    lr_schedule: Literal["continuous", "restart"] = "continuous"
-    loss: Literal["ce", "weighted_ce"] = "ce"  # training loss inside the iterations
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 5  # final fine-tune epochs on the refined labels (paper 2; length not given)
-    loss: Literal["weighted_ce", "ce"] = "weighted_ce"  # paper 2: softmax-weighted CE
-    weight: Literal["max_prob", "target_prob"] = "max_prob"  # the detached per-sample weight of weighted CE
-    lr_scale: float = 0.1  # fine-tune lr as a fraction of optim.lr
-
-
-@dataclass
-class CoteachingConfig:
-    forget_rate: float = -1.0  # final fraction dropped per batch; -1 = the noise rate (Han et al.: tau)
-    num_gradual: int = 10  # epochs over which the forget rate rises linearly to its final value
-
-
-@dataclass
-class JocorConfig:
-    lam: float = 0.9  # co-regularisation weight lambda (Wei et al.: 0.9 CIFAR-10, 0.85 CIFAR-100)
-    # JoCoR's own optimizer: the reference's Adam at lr 1e-3. With SGD at the shared optim.lr the
-    # KL term (lambda 0.9) drives both nets to the same uniform output (digits: 16% test acc).
-    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference (no weight decay); optim = the optim section
-    lr: float = 0.001
-    forget_rate: float = -1.0  # -1 = the noise rate (tau; tau/2 for pair-flip noise)
-    num_gradual: int = 10
-
-
-@dataclass
-class MentornetConfig:
-    percentile: float = 75.0  # MentorNet-PD: keep samples whose loss <= this moving percentile
-    burn_in: float = 0.18  # fraction of epochs trained with plain CE first
-    momentum: float = 0.9  # moving-average factor of the percentile
-
-
-@dataclass
-class DivideMixConfig:
-    warmup_epochs: int = 10  # CE warmup of both nets (Li et al.: 10 CIFAR-10, 30 CIFAR-100)
-    p_threshold: float = 0.5  # GMM clean-probability threshold
-    temperature: float = 0.5  # sharpening temperature T
-    alpha: float = 4.0  # mixup Beta(alpha, alpha)
-    lambda_u: float = -1.0  # unlabelled-loss weight; -1 = by noise rate: 0 under 0.35, 25 under 0.7, else 150
-    rampup_epochs: int = 16  # lambda_u linear ramp-up length, in epochs after the warmup (Li et al.: 16)
-    gmm_max_iter: int = 10
-    gmm_tol: float = 1e-2
-    gmm_reg_covar: float = 5e-4
-    # Initial weights of both nets. auto = the method's default: random for dividemix, ssl for
-    # ours_dividemix. ssl = the SimCLR encoder (each net keeps its own random classifier);
-    # refined = the ours model after refinement (ours_dividemix only).
-    init: Literal["auto", "random", "ssl", "refined"] = "auto"
-    # Training labels. auto = noisy for dividemix, refined for ours_dividemix (refined: ours_dividemix only).
-    labels: Literal["auto", "noisy", "refined"] = "auto"
-
-
-@dataclass
 class RunConfig:
     method: str = "ours"  # registry name: see `labelrefine methods`
     seed: int = 0  # seed of training (init, batches, augmentation); the noise has its own seed
@@ -172,12 +91,64 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
-    jocor: JocorConfig = field(default_factory=JocorConfig)
-    mentornet: MentornetConfig = field(default_factory=MentornetConfig)
-    dividemix: DivideMixConfig = field(default_factory=DivideMixConfig)
+    # The methods' own sections (refine, finetune, dividemix, jocor, ...), declared by each method
+    # class (``Method.sections``) and read as attributes: ``cfg.refine.threshold``. Missing ones
+    # get their defaults; see :func:`method_sections`.
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        known = method_sections()
+        unknown = sorted(set(self.sections) - set(known))
+        if unknown:  # a bug, not user input: _from_dict refuses unknown keys with a UserError
+            raise TypeError(f"RunConfig: unknown method section(s) {unknown}")
+        self.sections = {k: self.sections.get(k) or cls() for k, cls in known.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")  # (absent while unpickling or before __init__)
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+CORE_SECTIONS = ("data", "model", "optim", "ssl")  # the sections every run has (ssl: the shared SimCLR phase)
+
+
+def method_sections() -> dict[str, type]:
+    """Section name -> dataclass of every method-owned config section, in registry order.
+
+    Each method class declares the sections it owns (``Method.sections``); this imports the
+    method registry (and so torch) the first time it is called. A section declared by two
+    methods, or named like a core field, is a bug and raises.
+    """
+    global _METHOD_SECTIONS
+    if _METHOD_SECTIONS is None:
+        from .methods import list_methods
+
+        out: dict[str, type] = {}
+        core = {f.name for f in dataclasses.fields(RunConfig)}
+        for method in list_methods():
+            for name, cls in method.sections.items():
+                if name in out or name in core:
+                    raise ValueError(f"config section {name!r} of method {method.name!r} is declared twice")
+                out[name] = cls
+        _METHOD_SECTIONS = out
+    return _METHOD_SECTIONS
+
+
+_METHOD_SECTIONS: dict[str, type] | None = None
+
+
+def config_tree() -> dict[str, type]:
+    """Every section of a run config (core, then the methods'): name -> dataclass."""
+    hints = typing.get_type_hints(RunConfig)
+    return {**{n: hints[n] for n in CORE_SECTIONS}, **method_sections()}
+
+
+def top_level_fields() -> dict[str, Any]:
+    """The non-section fields of RunConfig (method, seed, epochs, ...): name -> annotation."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)
+            if f.name not in CORE_SECTIONS and f.name != "sections"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,104 +198,89 @@ class Range:
         return f"{short_repr(v)} is outside {self.describe()}"
 
 
-def _at_least(lo: int | float) -> Range:
+def at_least(lo: int | float) -> Range:
+    """``[lo, INT_MAX]`` for an int field, ``[lo, inf)`` for a float one."""
     return Range(lo, INT_MAX) if isinstance(lo, int) else Range(lo)
 
 
-def _above(lo: float) -> Range:
+def above(lo: float) -> Range:
     return Range(lo, lo_open=True)
 
 
-def _unit(*, lo_open: bool = False, hi_open: bool = False) -> Range:
+def unit(*, lo_open: bool = False, hi_open: bool = False) -> Range:
     return Range(0.0, 1.0, lo_open, hi_open)
 
 
 # Both seeds: np.random.seed takes [0, 2**32 - 1] and a run also seeds ``seed + 1`` (the fine-tune phase).
 SEEDS = Range(0, 2**32 - 2)
-_TAU = Range(0.0, 1.0, hi_open=True, also=(-1.0,), meaning="the noise rate")
+# A forget rate: in [0, 1), or -1 = the requested noise rate (Co-teaching, JoCoR).
+FORGET_RATE = Range(0.0, 1.0, hi_open=True, also=(-1.0,), meaning="the noise rate")
 
-# Dotted key -> allowed range, for every int and float field of RunConfig (and list[int] items);
-# tests/test_config.py fails when a numeric field has no entry here. The bounds follow what the
-# code using the field accepts or means (see each field's comment).
+# Dotted key -> allowed range, for every int and float field of the core of RunConfig (and
+# list[int] items); a method's section declares its own (a ``RANGES`` ClassVar on its dataclass,
+# keyed by field name). tests/test_config.py fails when a numeric field has no range. The bounds
+# follow what the code using the field accepts or means (see each field's comment).
 RANGES: dict[str, Range] = {
     "seed": SEEDS,
-    "epochs": _at_least(0),
+    "epochs": at_least(0),
     "threads": Range(0, 1024),  # 0 = torch's default; torch crashes on absurd counts
-    "checkpoint_every": _at_least(0),
-    "data.noise_rate": _unit(hi_open=True),
+    "checkpoint_every": at_least(0),
+    "data.noise_rate": unit(hi_open=True),
     "data.noise_seed": SEEDS,  # seeds numpy.random.default_rng (and noise_seed + 1): the same rule as seed
-    "data.pixel_scale": _above(0.0),
+    "data.pixel_scale": above(0.0),
     "data.val_fraction": Range(0.0, 0.5, hi_open=True),
-    "data.train_subset": _at_least(0),
-    "data.test_subset": _at_least(0),
-    "model.width": _at_least(1),
-    "optim.lr": _above(0.0),
-    "optim.momentum": _unit(hi_open=True),
-    "optim.weight_decay": _at_least(0.0),
-    "optim.batch_size": _at_least(1),
-    "optim.warmup_lr_epochs": _at_least(0.0),
-    "optim.label_smoothing": _unit(hi_open=True),
-    "optim.eval_batch_size": _at_least(1),
-    "ssl.epochs": _at_least(0),
-    "ssl.temperature": _above(0.0),
-    "ssl.batch_size": _at_least(2),  # NT-Xent needs negatives
-    "ssl.lr": _above(0.0),
-    "ssl.momentum": _unit(hi_open=True),
-    "ssl.weight_decay": _at_least(0.0),
-    "ssl.proj_hidden": _at_least(1),
-    "ssl.proj_dim": _at_least(1),
-    "ssl.crop_scale_min": _unit(lo_open=True),
-    "refine.warmup_epochs": _at_least(0),
-    "refine.iterations": _at_least(0),
-    "refine.first_stages": _at_least(1),
-    "refine.later_stages": _at_least(1),
-    "refine.iteration_epochs": _at_least(0),
-    "refine.threshold": _above(0.0),
-    "refine.quantile": _unit(lo_open=True),
-    "finetune.epochs": _at_least(0),
-    "finetune.lr_scale": _above(0.0),
-    "coteaching.forget_rate": _TAU,
-    "coteaching.num_gradual": _at_least(0),
-    "jocor.lam": _unit(),
-    "jocor.lr": _above(0.0),
-    "jocor.forget_rate": _TAU,
-    "jocor.num_gradual": _at_least(0),
-    "mentornet.percentile": Range(0.0, 100.0),
-    "mentornet.burn_in": _unit(),
-    "mentornet.momentum": _unit(hi_open=True),
-    "dividemix.warmup_epochs": _at_least(0),
-    "dividemix.p_threshold": _unit(),
-    "dividemix.temperature": _above(0.0),
-    "dividemix.alpha": _at_least(0.0),  # 0 = no mixup (losses.mixup)
-    "dividemix.lambda_u": Range(0.0, also=(-1.0,), meaning="from the noise rate"),
-    "dividemix.rampup_epochs": _at_least(0),
-    "dividemix.gmm_max_iter": _at_least(1),
-    "dividemix.gmm_tol": _at_least(0.0),
-    "dividemix.gmm_reg_covar": _at_least(0.0),
+    "data.train_subset": at_least(0),
+    "data.test_subset": at_least(0),
+    "model.width": at_least(1),
+    "optim.lr": above(0.0),
+    "optim.momentum": unit(hi_open=True),
+    "optim.weight_decay": at_least(0.0),
+    "optim.batch_size": at_least(1),
+    "optim.warmup_lr_epochs": at_least(0.0),
+    "optim.label_smoothing": unit(hi_open=True),
+    "optim.eval_batch_size": at_least(1),
+    "ssl.epochs": at_least(0),
+    "ssl.temperature": above(0.0),
+    "ssl.batch_size": at_least(2),  # NT-Xent needs negatives
+    "ssl.lr": above(0.0),
+    "ssl.momentum": unit(hi_open=True),
+    "ssl.weight_decay": at_least(0.0),
+    "ssl.proj_hidden": at_least(1),
+    "ssl.proj_dim": at_least(1),
+    "ssl.crop_scale_min": unit(lo_open=True),
 }
 
 
-def numeric_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> annotation of every int, float and list-of-int field under ``cls``."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.update(numeric_fields(tp, f"{prefix}{f.name}."))
-        elif tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float)):
-            out[prefix + f.name] = tp
+def all_ranges() -> dict[str, Range]:
+    """Dotted key -> range of every numeric field: :data:`RANGES` and each method section's ``RANGES``."""
+    out = dict(RANGES)
+    for name, cls in method_sections().items():
+        out.update({f"{name}.{k}": r for k, r in getattr(cls, "RANGES", {}).items()})
+    return out
+
+
+def _is_numeric(tp: Any) -> bool:
+    return tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float))
+
+
+def numeric_fields() -> dict[str, Any]:
+    """Dotted key -> annotation of every int, float and list-of-int field of a run config."""
+    out = {k: tp for k, tp in top_level_fields().items() if _is_numeric(tp)}
+    for name, cls in config_tree().items():
+        hints = typing.get_type_hints(cls)
+        out.update({f"{name}.{f.name}": hints[f.name] for f in dataclasses.fields(cls) if _is_numeric(hints[f.name])})
     return out
 
 
 def check_ranges(cfg: RunConfig) -> None:
-    """Every numeric field within its :data:`RANGES` entry; else a one-line UserError naming
-    the key and its allowed range."""
+    """Every numeric field within its range (:func:`all_ranges`); else a one-line UserError
+    naming the key and its allowed range."""
+    ranges = all_ranges()
     for key in numeric_fields():
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        rng = RANGES[key]
+        rng = ranges[key]
         for i, v in enumerate(value) if isinstance(value, list) else ((None, value),):
             if not rng.contains(v):
                 item = key if i is None else f"{key}[{i}]"
@@ -395,23 +351,31 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise UserError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if cls is RunConfig:  # the method sections are keys of the root too
+        del fields["sections"]
+        fields.update(method_sections())
     unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints, bools or null too
     if unknown:
         raise UserError(f"unknown config key {short_repr(prefix + str(unknown[0]))}; known in this section: "
                         f"{', '.join(sorted(fields))}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        tp = hints[name]
+        tp = fields[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
+    if cls is RunConfig:
+        kwargs["sections"] = {k: kwargs.pop(k) for k in method_sections() if k in kwargs}
     return cls(**kwargs)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts; the method sections are keys of the root."""
+    out = dataclasses.asdict(cfg)
+    out.update(out.pop("sections"))
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -563,20 +527,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every numeric field in its range (:data:`RANGES`), then what ranges cannot express."""
+    """Every numeric field in its range (:func:`all_ranges`), then what ranges cannot express:
+    each method section's own ``check()`` (raising a UserError that names the key)."""
     check_ranges(cfg)
-
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise UserError(f"config key {key!r}: {msg}")
-
-    r = cfg.refine
-    for key, stages in (("refine.first_stages", r.first_stages), ("refine.later_stages", r.later_stages)):
-        need(len(stages) > 0, key, "must be a non-empty list of epochs >= 1")
-        need(stages == sorted(set(stages)), key, f"{short_repr(stages)} must be strictly increasing")
-        if r.iteration_epochs:
-            need(max(stages) <= r.iteration_epochs, key,
-                 f"stage {max(stages)} lies beyond refine.iteration_epochs={r.iteration_epochs}")
+    for section in cfg.sections.values():
+        check = getattr(section, "check", None)
+        if check is not None:
+            check()
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import io
 import json
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from labelrefine.config import RunConfig, apply_overrides, config_from_dict, load_config
+from labelrefine.config import RunConfig, apply_overrides, config_from_dict, config_tree, load_config, top_level_fields
 from labelrefine.data.imageset import DataSplits
 from labelrefine.data.sources import KNOWN_KINDS, Manifest, load_data, parse_spec, read_manifest
 from labelrefine.errors import UserError
@@ -28,14 +27,11 @@ from labelrefine.errors import UserError
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _known_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+def _known_keys() -> list[str]:
     """Every dotted key of the config tree, sections included (``data``, ``data.spec``, ...)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_known_keys(hints[f.name], f"{prefix}{f.name}."))
+    keys = list(top_level_fields())
+    for name, cls in config_tree().items():
+        keys += [name, *(f"{name}.{f.name}" for f in dataclasses.fields(cls))]
     return keys
 
 

@@ -48,15 +48,20 @@ class Method:
     training step. After every supervised epoch it evaluates the model through
     :meth:`predict_logits`. A method never sees clean labels, and never calls ``backward``.
 
-    Subclasses set ``name``, ``summary`` (one line), ``paper`` (a citation) and ``phases``: every
+    Subclasses set ``name``, ``summary`` (one line), ``paper`` (a citation), ``phases``: every
     phase name their :meth:`schedule` can use, in schedule order (the bench's per-phase time
-    columns, the report's phase colours and ``bench speed`` read them).
+    columns, the report's phase colours and ``bench speed`` read them), and ``sections``: the
+    config sections they own.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ()
+    # The config sections this method owns: section name -> dataclass (defined in the method's
+    # file; ``cfg.<name>`` at run time). A dataclass may carry ``RANGES`` (field -> Range) and a
+    # ``check()`` for what ranges cannot express; :mod:`labelrefine.config` reads both.
+    sections: ClassVar[dict[str, type]] = {}
     ssl: SSLInit | None = None  # SimCLR pretraining as this method's ``ssl`` phase, if it has one
 
     def __init__(self, ctx: Context):

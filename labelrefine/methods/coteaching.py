@@ -16,10 +16,26 @@ reference's linear lr decay and β1 change from epoch 80 are not reproduced.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import FORGET_RATE, Range, at_least
 from ..engine import Context, EpochSpec, Learner
 from ..losses import per_sample_ce
 from . import register
 from ._small_loss import SmallLossMethod, check_range, forget_rate, peer_selection, resolve_tau
+
+
+@dataclass
+class CoteachingConfig:
+    """The ``coteaching`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "forget_rate": FORGET_RATE,
+        "num_gradual": at_least(0),
+    }
+    forget_rate: float = -1.0  # final fraction dropped per batch; -1 = the noise rate (Han et al.: tau)
+    num_gradual: int = 10  # epochs over which the forget rate rises linearly to its final value
 
 
 @register
@@ -27,6 +43,7 @@ class Coteaching(SmallLossMethod):
     name = "coteaching"
     summary = "Two networks; each is trained on the small-loss samples its peer selects (Co-teaching)."
     paper = "Han et al., NeurIPS 2018"
+    sections = {"coteaching": CoteachingConfig}
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

@@ -31,12 +31,15 @@ import functools
 import logging
 import math
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Range, above, at_least, unit
 from ..data.noise import check_noise_type
 from ..engine import Context, EpochSpec, Learner, Pass, Step
 from ..errors import UserError
@@ -244,6 +247,38 @@ def _cycled_batches(indices: torch.Tensor, steps: int, batch_size: int, ctx: Con
 # The method
 
 
+@dataclass
+class DivideMixConfig:
+    """The ``dividemix`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "warmup_epochs": at_least(0),
+        "p_threshold": unit(),
+        "temperature": above(0.0),
+        "alpha": at_least(0.0),  # 0 = no mixup (losses.mixup)
+        "lambda_u": Range(0.0, also=(-1.0,), meaning="from the noise rate"),
+        "rampup_epochs": at_least(0),
+        "gmm_max_iter": at_least(1),
+        "gmm_tol": at_least(0.0),
+        "gmm_reg_covar": at_least(0.0),
+    }
+    warmup_epochs: int = 10  # CE warmup of both nets (Li et al.: 10 CIFAR-10, 30 CIFAR-100)
+    p_threshold: float = 0.5  # GMM clean-probability threshold
+    temperature: float = 0.5  # sharpening temperature T
+    alpha: float = 4.0  # mixup Beta(alpha, alpha)
+    lambda_u: float = -1.0  # unlabelled-loss weight; -1 = by noise rate: 0 under 0.35, 25 under 0.7, else 150
+    rampup_epochs: int = 16  # lambda_u linear ramp-up length, in epochs after the warmup (Li et al.: 16)
+    gmm_max_iter: int = 10
+    gmm_tol: float = 1e-2
+    gmm_reg_covar: float = 5e-4
+    # Initial weights of both nets. auto = the method's default: random for dividemix, ssl for
+    # ours_dividemix. ssl = the SimCLR encoder (each net keeps its own random classifier);
+    # refined = the ours model after refinement (ours_dividemix only).
+    init: Literal["auto", "random", "ssl", "refined"] = "auto"
+    # Training labels. auto = noisy for dividemix, refined for ours_dividemix (refined: ours_dividemix only).
+    labels: Literal["auto", "noisy", "refined"] = "auto"
+
+
 @register
 class DivideMix(Method):
     """Two nets, GMM co-divide, MixMatch with co-refinement and co-guessing (Li et al., ICLR 2020).
@@ -263,6 +298,7 @@ class DivideMix(Method):
     name = "dividemix"
     summary = "Two nets; GMM loss split of each net trains the other; MixMatch with co-refinement/co-guessing."
     paper = "Li, Socher, Hoi, ICLR 2020"
+    sections = {"dividemix": DivideMixConfig}
     phases = ("ssl", "warmup", "train")  # as registered; ours_dividemix names its own two (phase_names)
 
     def __init__(self, ctx: Context, *, init_state: dict[str, torch.Tensor] | None = None,

@@ -17,10 +17,33 @@ section (its optimizer, lr and weight decay) instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from ..config import FORGET_RATE, Range, above, at_least, unit
 from ..engine import Context, EpochSpec, Learner
 from ..losses import jocor_loss
 from . import register
 from ._small_loss import SmallLossMethod, check_range, forget_rate, resolve_tau, small_loss_index
+
+
+@dataclass
+class JocorConfig:
+    """The ``jocor`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "lam": unit(),
+        "lr": above(0.0),
+        "forget_rate": FORGET_RATE,
+        "num_gradual": at_least(0),
+    }
+    lam: float = 0.9  # co-regularisation weight lambda (Wei et al.: 0.9 CIFAR-10, 0.85 CIFAR-100)
+    # JoCoR's own optimizer: the reference's Adam at lr 1e-3. With SGD at the shared optim.lr the
+    # KL term (lambda 0.9) drives both nets to the same uniform output (digits: 16% test acc).
+    optimizer: Literal["adam", "optim"] = "adam"  # adam = the reference (no weight decay); optim = the optim section
+    lr: float = 0.001
+    forget_rate: float = -1.0  # -1 = the noise rate (tau; tau/2 for pair-flip noise)
+    num_gradual: int = 10
 
 
 @register
@@ -28,6 +51,7 @@ class JoCoR(SmallLossMethod):
     name = "jocor"
     summary = "Two networks, one optimiser: small-loss selection on a joint CE + symmetric-KL loss (JoCoR)."
     paper = "Wei et al., CVPR 2020"
+    sections = {"jocor": JocorConfig}
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

@@ -14,10 +14,13 @@ the epochs (plain CE, every ``v = 1``), each sample gets ``v = 1[ℓ ≤ λ]`` a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .. import distributed as ddp
+from ..config import Range, unit
 from ..engine import Context, EpochSpec, Learner
 from ..losses import per_sample_ce
 from . import register
@@ -44,11 +47,26 @@ def pd_weights(losses: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return (losses.detach() <= threshold).to(losses.dtype)
 
 
+@dataclass
+class MentornetConfig:
+    """The ``mentornet`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "percentile": Range(0.0, 100.0),
+        "burn_in": unit(),
+        "momentum": unit(hi_open=True),
+    }
+    percentile: float = 75.0  # MentorNet-PD: keep samples whose loss <= this moving percentile
+    burn_in: float = 0.18  # fraction of epochs trained with plain CE first
+    momentum: float = 0.9  # moving-average factor of the percentile
+
+
 @register
 class MentorNetPD(SmallLossMethod):
     name = "mentornet"
     summary = "MentorNet-PD: after a CE burn-in, train only on samples whose loss is below a moving percentile."
     paper = "Jiang et al., ICML 2018"
+    sections = {"mentornet": MentornetConfig}
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

@@ -14,11 +14,15 @@ of an iteration the samples selected at every stage get pseudo-labels (``labelre
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 
 from .. import distributed as ddp
+from ..config import Range, above, at_least, unit
 from ..engine import Context, EpochSpec, Learner
+from ..errors import UserError, short_repr
 from ..refine import StageHistory, consensus, select, stage_losses, update_labels
 from . import register
 from .base import LabelReport, Method, supervised_pass
@@ -26,11 +30,78 @@ from .schedule import iteration_length, refinement_epochs, stages_of
 from .simclr import SSLInit
 
 
+@dataclass
+class RefineConfig:
+    """The ``refine`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "warmup_epochs": at_least(0),
+        "iterations": at_least(0),
+        "first_stages": at_least(1),
+        "later_stages": at_least(1),
+        "iteration_epochs": at_least(0),
+        "threshold": above(0.0),
+        "quantile": unit(lo_open=True),
+    }
+    warmup_epochs: int = 5  # CE warmup on the noisy labels (papers: 5)
+    iterations: int = 4  # refinement iterations (papers: 4)
+    first_stages: list[int] = field(default_factory=lambda: [2, 3, 4])  # stage epochs of iteration 1 (papers)
+    later_stages: list[int] = field(default_factory=lambda: [2, 5, 7])  # stage epochs of later iterations (papers)
+    iteration_epochs: int = 0  # epochs per iteration; 0 = the iteration's last stage epoch (open question)
+    # Per-sample stage CE below this selects the sample (papers: 1.0, against the label). Against the
+    # prediction, 0.3 (max p > 0.74) keeps a weak model from relabelling (docs/refine-options.md).
+    threshold: float = 0.3
+    threshold_mode: Literal["fixed", "class_quantile"] = "fixed"  # class_quantile: per-class loss quantile
+    quantile: float = 0.5  # class_quantile: fraction of each (current) class selected at a stage
+    # Stage CE against the model's argmax (corrects labels) or the current label (only selects);
+    # the default is measured in docs/refine-options.md.
+    loss_target: Literal["prediction", "label"] = "prediction"
+    require_agreement: bool = True  # also require the same predicted class at every stage
+    label_source: Literal["last", "mean"] = "mean"  # pseudo-label: argmax at the last stage or of the stage mean
+    keep_previous: bool = True  # unselected samples keep their previous pseudo-label (False: revert to given)
+    stage_loss: Literal["eval", "train"] = "eval"  # eval: a clean no-augmentation pass; train: losses of the epoch
+    reinit: Literal["none", "ssl", "random"] = "none"  # re-initialise the model at each iteration's start
+    augment_copies: bool = True  # add pseudo-labelled samples again as strongly augmented copies (papers)
+    # Which samples get a copy: every sample whose training label is a pseudo-label (from any
+    # iteration), or only those of the latest iteration's consensus (the behaviour before 0.1.1).
+    copies: Literal["pseudo_labelled", "latest"] = "pseudo_labelled"
+    # lr schedule: one cosine over warmup + all iterations, or a restart (a fresh cosine, same
+    # optimizer and weights) for the warmup and for each iteration (open question).
+    lr_schedule: Literal["continuous", "restart"] = "continuous"
+    loss: Literal["ce", "weighted_ce"] = "ce"  # training loss inside the iterations
+
+    def check(self) -> None:
+        """What ranges cannot express: strictly increasing stage lists within the iteration."""
+        for key, stages in (("first_stages", self.first_stages), ("later_stages", self.later_stages)):
+            if not stages:
+                raise UserError(f"config key 'refine.{key}': must be a non-empty list of epochs >= 1")
+            if stages != sorted(set(stages)):
+                raise UserError(f"config key 'refine.{key}': {short_repr(stages)} must be strictly increasing")
+            if self.iteration_epochs and max(stages) > self.iteration_epochs:
+                raise UserError(f"config key 'refine.{key}': stage {max(stages)} lies beyond "
+                                f"refine.iteration_epochs={self.iteration_epochs}")
+
+
+@dataclass
+class FinetuneConfig:
+    """The ``finetune`` config section."""
+
+    RANGES: ClassVar[dict[str, Range]] = {  # field -> allowed range (see labelrefine.config.Range)
+        "epochs": at_least(0),
+        "lr_scale": above(0.0),
+    }
+    epochs: int = 5  # final fine-tune epochs on the refined labels (paper 2; length not given)
+    loss: Literal["weighted_ce", "ce"] = "weighted_ce"  # paper 2: softmax-weighted CE
+    weight: Literal["max_prob", "target_prob"] = "max_prob"  # the detached per-sample weight of weighted CE
+    lr_scale: float = 0.1  # fine-tune lr as a fraction of optim.lr
+
+
 @register
 class Ours(Method):
     name = "ours"
     summary = "SimCLR + CE warmup + stage-consensus pseudo-label refinement + softmax-weighted CE fine-tune."
     paper = "Bala et al. 2024 (arXiv) and MIDL 2025"
+    sections = {"refine": RefineConfig, "finetune": FinetuneConfig}
     phases = ("ssl", "warmup", "refine", "finetune")
 
     def __init__(self, ctx: Context):
