@@ -54,8 +54,13 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4  # L2 on all weights (DivideMix, CIFAR literature)
     batch_size: int = 128  # samples per step
-    schedule: Literal["cosine", "constant"] = "cosine"  # lr schedule over all supervised epochs of a run
+    # lr schedule over all supervised epochs of a run; linear: from the warmup's end down to final_lr
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_lr_epochs: float = 0.0  # linear lr ramp at the start, in epochs
+    warmup_start: float = 0.0  # lr factor at the start of the ramp (airbench: 0.2)
+    final_lr: float = 0.0  # schedule=linear: lr factor at the last step (airbench: 0.07)
+    norm_bias_lr_scale: float = 1.0  # lr x this (weight decay / this) for normalisation biases (airbench: 64)
+    lookahead: bool = False  # airbench's Lookahead: every 5 steps, slow <- lerp(slow, fast, 1 - 0.95^5 t^3)
     label_smoothing: float = 0.0  # plain-CE label smoothing (0 = off)
     eval_batch_size: int = 1024  # samples per forward pass when scoring the whole set
 
@@ -85,6 +90,12 @@ class RunConfig:
     compile: bool = False  # torch.compile the model(s)
     threads: int = 0  # torch CPU threads (0 = leave torch's default)
     checkpoint_every: int = 1  # epochs between checkpoints (0 = none)
+    # Evaluate (noisy val + test) every this many supervised epochs, and always after the last one.
+    # Model selection by noisy val sees only those epochs.
+    eval_every: int = 1
+    # Test-time augmentation of *test* accuracy only (never of training-sample scores): none,
+    # flip (mean of the image and its mirror) or crops (airbench's 6 views: +-1 px translations x flip).
+    tta: Literal["none", "flip", "crops"] = "none"
     augment: Literal["weak", "none"] = "weak"  # supervised augmentation: random crop + flip
     flip: bool = True  # horizontal flips in augmentation (off for digits, text, some X-rays)
     data: DataConfig = field(default_factory=DataConfig)
@@ -225,6 +236,7 @@ RANGES: dict[str, Range] = {
     "epochs": at_least(0),
     "threads": Range(0, 1024),  # 0 = torch's default; torch crashes on absurd counts
     "checkpoint_every": at_least(0),
+    "eval_every": at_least(1),
     "data.noise_rate": unit(hi_open=True),
     "data.noise_seed": SEEDS,  # seeds numpy.random.default_rng (and noise_seed + 1): the same rule as seed
     "data.pixel_scale": above(0.0),
@@ -237,6 +249,9 @@ RANGES: dict[str, Range] = {
     "optim.weight_decay": at_least(0.0),
     "optim.batch_size": at_least(1),
     "optim.warmup_lr_epochs": at_least(0.0),
+    "optim.warmup_start": unit(),
+    "optim.final_lr": unit(),
+    "optim.norm_bias_lr_scale": above(0.0),
     "optim.label_smoothing": unit(hi_open=True),
     "optim.eval_batch_size": at_least(1),
     "ssl.epochs": at_least(0),
@@ -534,6 +549,37 @@ def validate(cfg: RunConfig) -> None:
         check = getattr(section, "check", None)
         if check is not None:
             check()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def config_difference(stored: Any, cfg: RunConfig) -> str | None:
+    """The first dotted key where a stored config (``config.yaml`` of an earlier run, as parsed)
+    differs from ``cfg``; ``None`` when they are the same run.
+
+    A key that ``stored`` lacks counts as the same when ``cfg`` holds that key's default: an option
+    added after the run was made defaults to the behaviour from before it existed (the project's
+    rule for new options), so adding one does not make every finished run stale.
+    """
+    if not isinstance(stored, dict):
+        return "<root>"
+    old, new = _flatten(stored), _flatten(config_to_dict(cfg))
+    defaults = _flatten(config_to_dict(RunConfig()))
+    for key in sorted(set(old) | set(new)):
+        if key not in old:
+            if new[key] != defaults.get(key, object()):
+                return key
+        elif key not in new or old[key] != new[key]:
+            return key
+    return None
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -790,7 +790,7 @@ RUNDIR_CASES = [
         "", RESUME, "--resume: out/config.yaml: line 1 is not UTF-8",
         setup=_resume_dir(config=b"\xfe\xff", checkpoint=False), needs_runs=True)),
     _named("rundir-resume-no-ckpt-config-edited", _case(
-        "", RESUME, "--resume: out/config.yaml differs from this config (line 1)",
+        "", RESUME, "--resume: out/config.yaml differs from this config (at <root>)",
         setup=_resume_dir(config=b"# edited\n", checkpoint=False), needs_runs=True)),
     _named("rundir-resume-config-is-a-directory", _case(
         "", RESUME, "--resume: out/config.yaml is not a regular file", setup=_resume_dir(dirs=("config.yaml",)),

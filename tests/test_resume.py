@@ -43,11 +43,16 @@ def _summary(out):
 # ours' schedule here: ssl 1-2, warmup 3, refine it 1: 4-5 (stages 1, 2), it 2: 6-7, finetune 8.
 # Stop before any checkpoint (1), mid-SSL (2), between warmup and refinement (4), between two
 # stages of an iteration (5), right after a consensus (6), at the fine-tune (8).
-@pytest.mark.parametrize(("method", "at"), [("ours", 1), ("ours", 2), ("ours", 4), ("ours", 5), ("ours", 6),
-                                            ("ours", 8), ("ce", 2)])
-def test_resume_equals_uninterrupted(method, at, tiny_config, tmp_path, monkeypatch):
+# The fast recipe (issue 15): Lookahead's slow weights and step count live in the checkpoint.
+RECIPE = ("optim.lookahead=true", "optim.schedule=linear", "optim.norm_bias_lr_scale=8", "eval_every=2")
+
+
+@pytest.mark.parametrize(("method", "at", "extra"), [
+    ("ours", 1, ()), ("ours", 2, ()), ("ours", 4, ()), ("ours", 5, ()), ("ours", 6, ()), ("ours", 8, ()),
+    ("ce", 2, ()), ("ce", 3, RECIPE)])
+def test_resume_equals_uninterrupted(method, at, extra, tiny_config, tmp_path, monkeypatch):
     # No SSL cache: the interrupted run must pretrain again, as the full one did.
-    cfg = tiny_config(f"method={method}", "refine.loss_target=prediction", "ssl.epochs=2", "ssl.cache=false")
+    cfg = tiny_config(f"method={method}", "refine.loss_target=prediction", "ssl.epochs=2", "ssl.cache=false", *extra)
     run(cfg, tmp_path / "full")
     with monkeypatch.context() as m:
         _interrupt_at(m, method, at)

@@ -40,7 +40,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, apply_overrides, config_from_dict, config_hash, dump_yaml, read_yaml_file
+import yaml
+
+from ..config import (
+    RunConfig,
+    apply_overrides,
+    config_difference,
+    config_from_dict,
+    config_hash,
+    read_yaml_file,
+    yaml_load,
+)
 from ..errors import TrainingDiverged, UserError, short_repr
 from ..io import write_text
 from ..rundir import FINISHED_MARKER
@@ -252,16 +262,24 @@ def _status(r: PlannedRun) -> str:
             done = json.loads(summary.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             done = {}
-        if done.get("config_hash") == config_hash(r.cfg):
+        if done.get("config_hash") == config_hash(r.cfg) or _same_config(r) is True:
             return "cached"
         return "stale"
     if (r.out / "config.yaml").exists():
-        try:
-            same = (r.out / "config.yaml").read_text(encoding="utf-8") == dump_yaml(r.cfg)
-        except (OSError, UnicodeDecodeError):
-            return "resume"  # damaged: the resume refuses it with a one-line error naming the file
-        return "resume" if same else "stale"
+        same = _same_config(r)
+        return "resume" if same is None or same else "stale"  # None: damaged, the resume names the file
     return "new"
+
+
+def _same_config(r: PlannedRun) -> bool | None:
+    """Whether the run directory's ``config.yaml`` is ``r``'s config (options added since it was
+    written count at their defaults: :func:`~labelrefine.config.config_difference`); ``None``
+    when the file cannot be read or parsed."""
+    try:
+        stored = yaml_load((r.out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return config_difference(stored, r.cfg) is None
 
 
 def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,

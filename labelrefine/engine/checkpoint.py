@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .. import distributed as ddp
-from ..config import RunConfig, config_hash, config_to_dict, dump_yaml
+from ..config import RunConfig, config_difference, config_hash, config_to_dict, dump_yaml, yaml_load
 from ..errors import UserError
 from ..io import write_bytes, write_error
 from ..store import StoreError
@@ -87,12 +88,14 @@ def check_config_file(out: Path, cfg: RunConfig, *, must_match: bool) -> None:
     text = _decode_run_text(path, _read_run_bytes(path))
     if not must_match:
         return  # the checkpoint's config hash decides; config.yaml is rewritten from the config
-    ours = dump_yaml(cfg)
-    if text != ours:
-        old, new = text.splitlines(), ours.splitlines()
-        line = next((k + 1 for k, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
-                    min(len(old), len(new)) + 1)
-        raise UserError(f"--resume: {path} differs from this config (line {line}); resume with the same config "
+    if text == dump_yaml(cfg):
+        return
+    try:
+        key = config_difference(yaml_load(text), cfg)
+    except yaml.YAMLError:
+        key = "<not valid YAML>"
+    if key is not None:
+        raise UserError(f"--resume: {path} differs from this config (at {key}); resume with the same config "
                         f"or use --overwrite")
 
 
@@ -134,7 +137,7 @@ def load(path: Path, cfg: RunConfig) -> dict:
     if not isinstance(ckpt, dict) or not {"config_hash", "schedule", "method", "rng", "engine"} <= set(ckpt):
         raise UserError(f"checkpoint {path} is not a labelrefine checkpoint (its fields are missing); "
                         f"delete it or use --overwrite")
-    if ckpt.get("config_hash") != config_hash(cfg):
+    if ckpt.get("config_hash") != config_hash(cfg) and config_difference(ckpt.get("config"), cfg) is not None:
         raise UserError(f"checkpoint {path} was written with another config (hash {ckpt.get('config_hash')}, "
                         f"now {config_hash(cfg)}); resume with the same config or use --overwrite")
     return ckpt

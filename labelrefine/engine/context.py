@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as ddp
@@ -24,6 +25,7 @@ from ..data.augment import channel_stats, make_augment
 from ..data.noise import resolve_noise_type
 from ..errors import UserError
 from ..models import create_backbone
+from ..models.airbench import PatchWhitening, whiten_init
 
 
 @dataclass(frozen=True)
@@ -165,13 +167,29 @@ class Context:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         # Batch order comes from its own generator so that evaluation never shifts it.
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._whitening: dict | None = None
 
     # -- models ----------------------------------------------------------------------------
     def new_model(self) -> nn.Module:
         model = create_backbone(self.cfg.model.backbone, in_channels=self.channels,
                                 num_classes=self.num_classes, **backbone_kwargs(self.cfg))
         model = model.to(self.device, memory_format=self.memory_format)
+        if isinstance(getattr(model, "whiten", None), PatchWhitening):
+            self._whiten(model.whiten)
         return compile_model(model) if self.cfg.compile else model
+
+    WHITEN_SAMPLE = 5000  # training images the patch-whitening layer is fitted on (airbench: 5,000)
+
+    def _whiten(self, layer: PatchWhitening) -> None:
+        """Fit an airbench whitening layer on an evenly spaced sample of the (un-augmented, label-free)
+        training images; fitted once per context, the same on every rank."""
+        if self._whitening is None:
+            n = self.ssl_n
+            idx = torch.linspace(0, n - 1, min(n, self.WHITEN_SAMPLE)).round().long()
+            fresh = PatchWhitening(layer.in_channels, layer.kernel_size).to(self.device)
+            whiten_init(fresh, self.ssl_all[idx].to(self.device), self.mean, self.std)
+            self._whitening = fresh.state_dict()
+        layer.load_state_dict(self._whitening)
 
     def autocast(self):
         if self.amp is None:
@@ -243,15 +261,18 @@ class Context:
         return out.contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
-    def logits_all(self, model: nn.Module, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(N, C)`` of every image (eval mode, no augmentation).
+    def logits_all(self, model: nn.Module, images: torch.Tensor | None = None, *, tta: str = "none") -> torch.Tensor:
+        """Float32 logits ``(N, C)`` of every image (eval mode, no augmentation by default).
 
         ``images=None`` means the training set: data parallel, every rank scores its own part
         and the result is gathered in global order (a collective: all ranks must call it).
+        ``tta`` averages the logits of several views: ``flip`` (the image and its mirror) or
+        ``crops`` (airbench's: half the identity pair, a quarter each of the pairs translated by
+        one pixel up-left and down-right, reflect-padded); the Trainer uses it for test accuracy only.
         """
         if images is None and self.world > 1:
             ddp.average_buffers(model)
-            return ddp.gather_rows(self.logits_all(model, self.x), self.n)
+            return ddp.gather_rows(self.logits_all(model, self.x, tta=tta), self.n)
         x = self.x if images is None else images
         was_training = model.training
         model.eval()
@@ -260,11 +281,30 @@ class Context:
         for start in range(0, x.shape[0], bs):
             batch = self.aug_none(x[start:start + bs].to(self.device)).contiguous(memory_format=self.memory_format)
             with self.autocast():
-                out.append(model(batch).float())
+                out.append(_tta_logits(model, batch, tta))
         model.train(was_training)
         if not out:
             return torch.zeros(0, self.num_classes, device=self.device)
         return torch.cat(out)
+
+
+def _tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Float logits of the normalised batch ``x``, averaged over the ``tta`` views."""
+    def pair(v: torch.Tensor) -> torch.Tensor:  # a view and its mirror
+        return 0.5 * (model(v).float() + model(v.flip(-1)).float())
+
+    if tta == "none":
+        return model(x).float()
+    if tta == "flip":
+        return pair(x)
+    if tta != "crops":
+        raise ValueError(f"unknown tta {tta!r}")
+    h, w = x.shape[-2:]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left = padded[..., :h, :w].contiguous(memory_format=fmt)
+    down_right = padded[..., 2:, 2:].contiguous(memory_format=fmt)
+    return 0.5 * pair(x) + 0.25 * pair(up_left) + 0.25 * pair(down_right)
 
 
 def backbone_kwargs(cfg: RunConfig) -> dict:

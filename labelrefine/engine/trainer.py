@@ -133,6 +133,7 @@ class Trainer:
             count += out.size
         for learner in p.learners:
             learner.progress = round(learner.progress)
+            learner.end_pass()
         if self.ctx.world > 1:  # the averages of the global epoch, not of this rank's part
             keys = sorted(sums)
             total = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64))
@@ -166,6 +167,7 @@ class Trainer:
         state, schedule, n = self.state, self.schedule, len(self.schedule)
         saved_epoch = state["done"] or None  # the epoch the checkpoint on disk ends (None: no checkpoint)
         t_loop, elapsed0 = time.perf_counter(), state["elapsed"]
+        evaluated = self._evaluated_epochs()
         for i in progress(range(state["done"], n), desc=self.cfg.method, unit="epoch"):
             spec = schedule[i]
             if spec.supervised and not state["supervised_started"]:
@@ -184,7 +186,7 @@ class Trainer:
                 ddp.average_buffers(net)  # BatchNorm statistics: the same model on every rank
             state["phase_seconds"][spec.phase] = state["phase_seconds"].get(spec.phase, 0.0) + dt
             record = {**spec.as_dict(), "global_epoch": i + 1, **logs, "seconds": round(dt, 3)}
-            if spec.supervised:
+            if i in evaluated:
                 self._evaluate(record, spec, i)
             if self.oracle is not None:
                 record.update(self.oracle.metrics(self.method.oracle_view()))
@@ -208,6 +210,12 @@ class Trainer:
         return (f"non-finite loss in phase {spec.phase!r}, iteration {spec.iteration}, epoch {spec.epoch} "
                 f"(epoch {i + 1} of {n}); {kept}")
 
+    def _evaluated_epochs(self) -> set[int]:
+        """Schedule positions evaluated: every ``eval_every``-th supervised epoch and the last one."""
+        supervised = [i for i, s in enumerate(self.schedule) if s.supervised]
+        every = self.cfg.eval_every
+        return {i for k, i in enumerate(supervised) if (k + 1) % every == 0 or k + 1 == len(supervised)}
+
     def _evaluate(self, record: dict, spec: EpochSpec, i: int) -> None:
         """Validation accuracy (selects the model) and test accuracy (reported only) into ``record``;
         the best epoch's weights, on the host, into the loop state."""
@@ -215,7 +223,7 @@ class Trainer:
         if self.val is not None:
             record["val_acc"] = accuracy(method.predict_logits(self.val[0]), self.val[1])
         if self.test is not None:
-            record["test_acc"] = accuracy(method.predict_logits(self.test[0]), self.test[1])
+            record["test_acc"] = accuracy(method.predict_logits(self.test[0], tta=self.cfg.tta), self.test[1])
         state["last_val"], state["last_test"] = record.get("val_acc"), record.get("test_acc")
         best = state["best"]
         score = record.get("val_acc", float("-inf"))

@@ -252,8 +252,8 @@ class SmallLossMethod(Method):
         """Network 1 only: the papers report network 1, so it alone predicts (and is saved)."""
         return {"model": self.nets[0]}
 
-    def predict_logits(self, images: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ctx.logits_all(self.nets[0], images)
+    def predict_logits(self, images: torch.Tensor | None = None, *, tta: str = "none") -> torch.Tensor:
+        return self.ctx.logits_all(self.nets[0], images, tta=tta)
 
     def oracle_view(self) -> dict[str, torch.Tensor]:
         """The given labels, and the samples this epoch's small-loss selection kept (if any)."""

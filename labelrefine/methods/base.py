@@ -94,12 +94,13 @@ class Method:
         """The networks that make predictions (saved in ``model.pt``)."""
         raise NotImplementedError
 
-    def predict_logits(self, images: torch.Tensor | None = None) -> torch.Tensor:
-        """Float logits ``(N, C)`` for uint8 images (on any device); ``None``: the training set."""
+    def predict_logits(self, images: torch.Tensor | None = None, *, tta: str = "none") -> torch.Tensor:
+        """Float logits ``(N, C)`` for uint8 images (on any device); ``None``: the training set.
+        ``tta``: test-time augmentation views (:meth:`Context.logits_all`); only test accuracy uses it."""
         nets = list(self.networks().values())
-        out = self.ctx.logits_all(nets[0], images)
+        out = self.ctx.logits_all(nets[0], images, tta=tta)
         for net in nets[1:]:
-            out = out + self.ctx.logits_all(net, images)
+            out = out + self.ctx.logits_all(net, images, tta=tta)
         return out
 
     def on_supervised_start(self) -> None:
