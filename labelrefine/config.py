@@ -98,6 +98,7 @@ class RunConfig:
     tta: Literal["none", "flip", "crops"] = "none"
     augment: Literal["weak", "none"] = "weak"  # supervised augmentation: random crop + flip
     flip: bool = True  # horizontal flips in augmentation (off for digits, text, some X-rays)
+    crop_pad: int = -1  # weak augmentation's random-crop padding in px (-1 = height / 8: 4 px on CIFAR; airbench: 2)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,6 +238,7 @@ RANGES: dict[str, Range] = {
     "threads": Range(0, 1024),  # 0 = torch's default; torch crashes on absurd counts
     "checkpoint_every": at_least(0),
     "eval_every": at_least(1),
+    "crop_pad": Range(-1, 64),
     "data.noise_rate": unit(hi_open=True),
     "data.noise_seed": SEEDS,  # seeds numpy.random.default_rng (and noise_seed + 1): the same rule as seed
     "data.pixel_scale": above(0.0),

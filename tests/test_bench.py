@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 from pathlib import Path
 
@@ -242,3 +243,30 @@ def test_dry_run_and_the_default_command_line(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(tiny_suite()))
     assert equivalent_command(load_suite(str(path)), "o") == f"labelrefine bench {path} --out o"
+
+
+def test_paired_difference_against_a_hand_computed_t_interval():
+    from labelrefine.bench.suites import paired_difference
+
+    d, lo, hi = paired_difference([0.90, 0.92, 0.91], [0.88, 0.89, 0.90])  # differences .02 .03 .01
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert d == pytest.approx(0.02) and lo == pytest.approx(0.02 - half) and hi == pytest.approx(0.02 + half)
+    assert paired_difference([0.5], [0.4])[1:] == (None, None)
+
+
+def test_results_say_tie_better_worse_and_one_seed_in_words():
+    from labelrefine.bench.suites import _md_where_ours_stands
+
+    def row(setting, method, seed, acc):
+        return {"status": "ok", "setting": setting, "method": method, "seed": seed, "final_test_acc": acc}
+
+    rows = [row("A", "ours", k, v) for k, v in enumerate([0.90, 0.92, 0.91])]
+    rows += [row("A", "ce", k, v) for k, v in enumerate([0.80, 0.81, 0.80])]  # clearly worse than ours
+    rows += [row("A", "dividemix", k, v) for k, v in enumerate([0.92, 0.90, 0.915])]  # a tie
+    rows += [row("A", "jocor", k, v) for k, v in enumerate([0.95, 0.96, 0.955])]  # clearly better
+    rows += [row("B", "ours", 0, 0.5), row("B", "ce", 0, 0.4)]
+    text = "\n".join(_md_where_ours_stands(rows, ["A", "B"], ["ce", "dividemix", "jocor", "ours"]))
+    assert "| A | `ce` | 3 | +10.67 |" in text and "`ours` better |" in text
+    assert "| A | `dividemix` | 3 |" in text and "| tie |" in text
+    assert "| A | `jocor` | 3 |" in text and "`ours` worse |" in text
+    assert "| B | `ce` | 1 | +10.00 | - | one seed: no interval" in text

@@ -548,23 +548,48 @@ def _accuracy_table(rows: list[dict], settings: list[str], methods: list[str], k
     return [*out, ""]
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean of the paired differences ``a - b`` and its 95% Student-t interval (None for one pair)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m, sd = _mean_std(d)
+    if len(d) < 2:
+        return m, None, None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
 def _md_where_ours_stands(rows: list[dict], settings: list[str], methods: list[str]) -> list[str]:
-    """Per setting: the methods that beat ``ours`` (final-epoch test accuracy), or that none does."""
+    """Per setting and method: ``ours`` minus it, paired over the seeds both finished, with a 95%
+    interval; an interval that contains 0 is a tie, said in words."""
     if "ours" not in methods:
         return []
-    cells = _cells(rows, "final_test_acc")
-    lines = ["## Where `ours` stands (final-epoch test accuracy)", ""]
+    by: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row.get("final_test_acc") is not None:
+            by.setdefault((row["setting"], row["method"]), {})[int(row["seed"])] = float(row["final_test_acc"])
+    lines = ["## `ours` against each method: paired difference over seeds (final-epoch test accuracy)", "",
+             "Each seed pairs the two methods on the same noisy labels; the interval is a 95% Student-t "
+             "interval of the mean difference. An interval containing 0 is a tie.", "",
+             "| Setting | ours − method | seeds | difference (points) | 95% interval | verdict |",
+             "|---|---|---|---|---|---|"]
     for s in settings:
-        if (s, "ours") not in cells:
-            continue
-        mine = cells[(s, "ours")][0]
-        better = sorted(((cells[(s, m)][0], m) for m in methods if m != "ours" and (s, m) in cells
-                         and cells[(s, m)][0] > mine), reverse=True)
-        if better:
-            lines.append(f"- {s}: `ours` {100 * mine:.2f} **loses** to " + ", ".join(
-                f"`{m}` ({100 * v:.2f}, +{100 * (v - mine):.2f})" for v, m in better))
-        else:
-            lines.append(f"- {s}: `ours` {100 * mine:.2f} is the best method")
+        mine = by.get((s, "ours"), {})
+        for m in methods:
+            other = by.get((s, m), {})
+            seeds = sorted(set(mine) & set(other))
+            if m == "ours" or not seeds:
+                continue
+            d, lo, hi = paired_difference([mine[k] for k in seeds], [other[k] for k in seeds])
+            if lo is None:
+                interval, verdict = "-", "one seed: no interval, not evidence either way"
+            elif lo <= 0 <= hi:
+                interval, verdict = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", "tie"
+            else:
+                interval = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
+                verdict = "`ours` better" if d > 0 else "`ours` worse"
+            lines.append(f"| {s} | `{m}` | {len(seeds)} | {100 * d:+.2f} | {interval} | {verdict} |")
     lines.append("")
     return lines
 

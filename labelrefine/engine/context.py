@@ -160,7 +160,8 @@ class Context:
         self.mean, self.std = mean, std
         common = {"image_size": (h, w), "channels": self.channels, "mean": mean, "std": std}
         self.aug_none = make_augment("none", **common)
-        self.aug_weak = make_augment(cfg.augment, flip=cfg.flip, **common) if cfg.augment != "none" \
+        pad = {} if cfg.crop_pad < 0 else {"pad": cfg.crop_pad}
+        self.aug_weak = make_augment(cfg.augment, flip=cfg.flip, **common, **pad) if cfg.augment != "none" \
             else self.aug_none
         self.aug_strong = make_augment("strong", flip=cfg.flip, crop_scale_min=cfg.ssl.crop_scale_min, **common)
         self.amp = amp_dtype(device, cfg.amp)
