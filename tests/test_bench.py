@@ -86,7 +86,7 @@ def test_cpu_suites_cover_what_the_issue_asks(tmp_path):
     assert ours.ssl.epochs > 0 and ours.refine.warmup_epochs > 0 and ours.refine.iterations == 4
     assert len(ours.refine.first_stages) >= 2 and ours.finetune.epochs > 0
     pneu = load_suite("cpu-pneumonia")
-    assert pneu.methods == ["ce", "dividemix", "ours"] and pneu.reference
+    assert pneu.methods == ["ce", "ce_ssl", "dividemix", "ours", "ours_dividemix"] and pneu.reference  # issue 15
     assert [s.name for s in pneu.settings] == ["IDN-20%", "IDN-30%"]
 
 
@@ -125,6 +125,18 @@ def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
     assert [r["final_test_acc"] for r in rows2] == [r["final_test_acc"] for r in rows]
     assert (out / "results.csv").read_text() == csv_before
     assert (out / "results.md").read_text() == md
+
+    # A fresh clone keeps results.* and runs.jsonl but not runs/: the records stand in for them.
+    import shutil
+
+    shutil.rmtree(out / "runs")
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
+    assert set(bench.dry_run(suite, out).split()) >= {"recorded"}
+    run_suite(suite, out, seeds=1, command="labelrefine bench tiny")
+    assert (out / "results.csv").read_text() == csv_before
+    assert (out / "results.md").read_text() == md
+    # ... but a record made with another config is not used: that run is planned again
+    assert "new" in bench.dry_run(suite, out, user_overrides=["optim.lr=0.07"]).split()
 
 
 def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypatch):
@@ -270,3 +282,17 @@ def test_results_say_tie_better_worse_and_one_seed_in_words():
     assert "| A | `dividemix` | 3 |" in text and "| tie |" in text
     assert "| A | `jocor` | 3 |" in text and "`ours` worse |" in text
     assert "| B | `ce` | 1 | +10.00 | - | one seed: no interval" in text
+
+
+def test_method_seeds_caps_the_costly_methods(tmp_path):
+    data = tiny_suite()
+    data["method_seeds"] = {"ours": 1}
+    suite = suite_from_dict(data)
+    runs = plan(suite, tmp_path, seeds=3)
+    per = {}
+    for r in runs:
+        per.setdefault(r.method, set()).add(r.seed)
+    assert per == {REFERENCE: {0, 1, 2}, "ce": {0, 1, 2}, "ours": {0}}
+    for bad in ({"nope": 1}, {"ours": 0}, {"ours": True}, ["ours"]):
+        with pytest.raises(UserError, match="method_seeds"):
+            suite_from_dict({**tiny_suite(), "method_seeds": bad})

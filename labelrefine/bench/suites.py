@@ -12,14 +12,17 @@ A suite is a YAML file (the built-in ones live in ``labelrefine/bench/suites/``;
       - {name: IDN-20%, set: [data.noise=idn, data.noise_rate=0.2]}
     method_overrides:           # optional per-method --set lists
       jocor: [epochs=10]
+    method_seeds:               # optional: at most this many seeds for a method (costly ones)
+      dividemix: 1
     config: {...}               # the base run config (see labelrefine.config)
 
 Run ``r`` of a suite lives in ``OUT/runs/<setting>/<method>/seed<k>/`` with every artifact of an
 ordinary ``labelrefine run``. A run whose ``summary.json`` (a run's last write: its completion
 marker) has the config hash of the planned run is reused; an unfinished one is resumed from its
 checkpoint; one that was made with another config is an error unless ``--overwrite``.
-``OUT/results.csv``, ``OUT/results.md`` and ``OUT/results.png`` are rewritten (atomically) after
-every run.
+``OUT/results.csv``, ``OUT/results.md``, ``OUT/results.png`` and ``OUT/runs.jsonl`` (one record
+per finished run, with its config) are rewritten (atomically) after every run; a recorded run
+whose directory is gone (a fresh clone) is not run again.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ..config import (
     config_difference,
     config_from_dict,
     config_hash,
+    config_to_dict,
     read_yaml_file,
     yaml_load,
 )
@@ -60,7 +64,7 @@ log = logging.getLogger("labelrefine")
 REFERENCE = "ce_clean"  # the method column name of the clean-label CE reference
 REFERENCE_SETTING = "clean"
 SUITE_KEYS = {"name", "title", "description", "budget_minutes", "methods", "reference", "settings",
-              "method_overrides", "config", "profile_notes"}
+              "method_overrides", "method_seeds", "config", "profile_notes"}
 
 
 def registered_phases() -> tuple[str, ...]:
@@ -98,6 +102,7 @@ class Suite:
     description: str = ""
     profile_notes: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    method_seeds: dict[str, int] = field(default_factory=dict)  # method -> at most this many seeds
     source: str = ""
 
 
@@ -180,6 +185,14 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
             raise bad(f"method_overrides: unknown method {short_repr(m)}")
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise bad(f"method_overrides.{m} must be a list of KEY=VALUE strings")
+    method_seeds = data.get("method_seeds") or {}
+    if not isinstance(method_seeds, dict):
+        raise bad("'method_seeds' must map method names to seed counts")
+    for m, n in method_seeds.items():
+        if m not in registered:
+            raise bad(f"method_seeds: unknown method {short_repr(m)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise bad(f"method_seeds.{m} must be an integer >= 1, got {short_repr(n)}")
     if not isinstance(data["config"], dict):
         raise bad("'config' must be a mapping (a run config)")
     budget = data.get("budget_minutes")
@@ -197,6 +210,7 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
         budget_minutes=budget, description=str(data.get("description", "")).strip(),
         profile_notes=[str(x) for x in notes],
         method_overrides={k: [str(x) for x in v] for k, v in overrides.items()}, source=source,
+        method_seeds=dict(method_seeds),
     )
 
 
@@ -242,6 +256,8 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
                                    out / "runs" / REFERENCE_SETTING / "ce" / f"seed{seed}"))
         for s in suite.settings:
             for m in chosen:
+                if seed >= suite.method_seeds.get(m, seeds):
+                    continue
                 runs.append(PlannedRun(s, m, seed, run_config(suite, s, m, seed, user),
                                        out / "runs" / s.slug / m / f"seed{seed}"))
     return runs
@@ -251,10 +267,46 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
 # Running
 
 
-def _status(r: PlannedRun) -> str:
-    """cached | resume | new | stale (another config; an error unless overwrite).
+RECORDS = "runs.jsonl"  # in the suite's --out: one JSON record per finished run (its row + its config)
+
+
+def load_records(out: Path) -> dict[tuple[str, str, int], dict]:
+    """The finished runs recorded in ``out/runs.jsonl``, by (setting, method, seed).
+
+    The records are what a suite keeps when its run directories are gone (a fresh clone keeps
+    ``results.*`` and ``runs.jsonl`` but not ``runs/``): a recorded run with today's config is
+    not run again, so a long suite may span sessions.
+    """
+    path = out / RECORDS
+    if not path.is_file():
+        return {}
+    records: dict[tuple[str, str, int], dict] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: line {n} is not valid JSON") from None
+        if not isinstance(rec, dict) or not {"setting", "method", "seed", "config"} <= set(rec):
+            raise UserError(f"{path}: line {n} is not a run record (setting, method, seed, config)")
+        records[(str(rec["setting"]), str(rec["method"]), int(rec["seed"]))] = rec
+    return records
+
+
+def _recorded(r: PlannedRun, records: dict[tuple[str, str, int], dict]) -> dict | None:
+    """``r``'s record when it was made with ``r``'s config (options added later at their defaults)."""
+    rec = records.get((r.setting.name, r.method, r.seed))
+    if rec is not None and config_difference(rec["config"], r.cfg) is None:
+        return rec
+    return None
+
+
+def _status(r: PlannedRun, records: dict[tuple[str, str, int], dict] | None = None) -> str:
+    """cached | recorded | resume | new | stale (another config; an error unless overwrite).
 
     Finished means ``summary.json`` exists: a run writes it after every other artifact.
+    ``recorded``: no run directory, but a record in ``runs.jsonl`` with this config.
     """
     summary = r.out / FINISHED_MARKER
     if summary.is_file():
@@ -268,6 +320,8 @@ def _status(r: PlannedRun) -> str:
     if (r.out / "config.yaml").exists():
         same = _same_config(r)
         return "resume" if same is None or same else "stale"  # None: damaged, the resume names the file
+    if _recorded(r, records or {}) is not None:  # only when the run's directory is gone
+        return "recorded"
     return "new"
 
 
@@ -286,12 +340,13 @@ def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | Non
                 user_overrides: list[str] | None, overwrite: bool) -> tuple[list[PlannedRun], list[str]]:
     """The planned runs and their statuses; an error if one is stale and not ``overwrite``."""
     runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
-    statuses = [_status(r) for r in runs]
+    records = load_records(out)
+    statuses = [_status(r, records) for r in runs]
     stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
     if stale and not overwrite:
         raise UserError(f"{stale[0].out} holds a run made with another config; pass --overwrite to rerun "
                         f"({len(stale)} such run(s)) or choose another --out")
-    todo = sum(s != "cached" for s in statuses)
+    todo = sum(s not in ("cached", "recorded") for s in statuses)
     log.info("suite %s: %d runs (%d cached, %d to run) -> %s", suite.name, len(runs), len(runs) - todo, todo, out)
     return runs, statuses
 
@@ -342,8 +397,8 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
     failures: dict[int, str] = {}
     t0 = time.perf_counter()
     for k, (r, s) in enumerate(zip(runs, statuses, strict=True)):
-        if s == "cached":
-            log.info("[%d/%d] %s: cached", k + 1, len(runs), r.label)
+        if s in ("cached", "recorded"):
+            log.info("[%d/%d] %s: %s", k + 1, len(runs), r.label, s)
             continue
         log.info("[%d/%d] %s: %s", k + 1, len(runs), r.label, {"new": "running", "resume": "resuming",
                                                                  "stale": "re-running (--overwrite)"}[s])
@@ -404,10 +459,15 @@ COLUMNS = ["suite", "dataset", "setting", "noise_type", "requested_rate", "achie
            "config_hash", "code_version", "device", "finished_at", "data", "run_dir"]
 
 
-def collect(suite: Suite, runs: list[PlannedRun], failures: dict[int, str] | None = None) -> list[dict]:
-    """One row per planned run (finished or not), with R against the clean reference of its seed."""
-    failures = failures or {}
-    rows = [_row(suite, r, failures.get(k, "pending")) for k, r in enumerate(runs)]
+def collect(suite: Suite, runs: list[PlannedRun], failures: dict[int, str] | None = None,
+            records: dict[tuple[str, str, int], dict] | None = None) -> list[dict]:
+    """One row per planned run (finished, recorded or not), with R against the clean reference of its seed."""
+    failures, records = failures or {}, records or {}
+    rows = []
+    for k, r in enumerate(runs):
+        row = _row(suite, r, failures.get(k, "pending"))
+        rec = _recorded(r, records) if row["status"] != "ok" and k not in failures else None
+        rows.append(row if rec is None else {c: v for c, v in rec.items() if c != "config"})
     clean = {row["seed"]: row for row in rows if row["method"] == REFERENCE and row["status"] == "ok"}
     for row in rows:
         ref = clean.get(row["seed"])
@@ -425,7 +485,12 @@ def _fmt_csv(v: Any) -> Any:
 
 def write_results(suite: Suite, out: Path, runs: list[PlannedRun], failures: dict[int, str] | None = None, *,
                   command: str, seeds: int) -> list[dict]:
-    rows = collect(suite, runs, failures)
+    records = load_records(out)
+    rows = collect(suite, runs, failures, records)
+    for r, row in zip(runs, rows, strict=True):
+        if row["status"] == "ok":
+            records[(r.setting.name, r.method, r.seed)] = {**row, "config": config_to_dict(r.cfg)}
+    write_text(out / RECORDS, "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records.values()))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -498,7 +563,8 @@ def _md_head(suite: Suite, rows: list[dict], *, command: str, seeds: int) -> lis
         f"- Command: `{command}`",
         f"- Machine: {_machine(finished)}",
         f"- Date: {_dates(finished)}; code {', '.join(versions) or '-'}",
-        f"- Seeds: {seeds} (training seed = noise seed = 0..{seeds - 1}); cells are mean ± std over seeds",
+        f"- Seeds: {seeds} (training seed = noise seed = 0..{seeds - 1}); cells are mean ± std over seeds"
+        + "".join(f"; `{m}` at most {n}" for m, n in suite.method_seeds.items() if n < seeds),
         f"- Runs finished: {len(finished)} of {len(rows)}; summed run wall time {total / 60:.1f} min"
         + (f" (profile sized for ≤ {suite.budget_minutes} min)" if suite.budget_minutes else ""),
         "",
