@@ -44,6 +44,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18_cifar"  # preact_resnet18 (papers), resnet18_cifar, resnet34_cifar, airbench, tiny
     width: int = 64  # base width of resnet*_cifar (16 = the 0.7 M-param CPU profile) and airbench (64 = airbench94)
+    expand: int = 0  # airbench only: groups 2-3 have expand x width channels (0 = 4, airbench94; 2 = airbench93)
 
 
 @dataclass
@@ -246,6 +247,7 @@ RANGES: dict[str, Range] = {
     "data.train_subset": at_least(0),
     "data.test_subset": at_least(0),
     "model.width": at_least(1),
+    "model.expand": Range(0, 64),
     "optim.lr": above(0.0),
     "optim.momentum": unit(hi_open=True),
     "optim.weight_decay": at_least(0.0),
@@ -547,6 +549,8 @@ def validate(cfg: RunConfig) -> None:
     """Every numeric field in its range (:func:`all_ranges`), then what ranges cannot express:
     each method section's own ``check()`` (raising a UserError that names the key)."""
     check_ranges(cfg)
+    if cfg.model.expand and cfg.model.backbone != "airbench":
+        raise UserError(f"config key 'model.expand': only the airbench backbone takes it, not {cfg.model.backbone!r}")
     for section in cfg.sections.values():
         check = getattr(section, "check", None)
         if check is not None:

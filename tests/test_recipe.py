@@ -171,3 +171,13 @@ def test_config_difference_treats_later_options_at_their_default_as_the_same():
     assert config_difference(stored, load_config(None, ["refine.threshold=0.5", "tta=flip"])) == "tta"
     assert config_difference(stored, load_config(None, [])) == "refine.threshold"
     assert config_difference(None, cfg) == "<root>"
+
+
+def test_model_expand_reaches_airbench_and_only_airbench(tiny_config):
+    from labelrefine.errors import UserError
+
+    ctx = _ctx(tiny_config("model.backbone=airbench", "model.width=8", "model.expand=2", "data.spec=digits,size=16"))
+    model = ctx.new_model()
+    assert model.fc.in_features == 16  # groups 8, 16, 16
+    with pytest.raises(UserError, match="model.expand"):
+        tiny_config("model.backbone=resnet18_cifar", "model.expand=2")

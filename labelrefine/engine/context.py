@@ -310,4 +310,9 @@ def _tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
 
 def backbone_kwargs(cfg: RunConfig) -> dict:
     """Constructor options of the configured backbone (``tiny`` keeps its own width)."""
-    return {} if cfg.model.backbone in ("tiny", "tiny_gn") else {"width": cfg.model.width}
+    if cfg.model.backbone in ("tiny", "tiny_gn"):
+        return {}
+    out = {"width": cfg.model.width}
+    if cfg.model.expand:  # (validate() allows it for airbench only)
+        out["expand"] = cfg.model.expand
+    return out
