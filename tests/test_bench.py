@@ -296,3 +296,15 @@ def test_method_seeds_caps_the_costly_methods(tmp_path):
     for bad in ({"nope": 1}, {"ours": 0}, {"ours": True}, ["ours"]):
         with pytest.raises(UserError, match="method_seeds"):
             suite_from_dict({**tiny_suite(), "method_seeds": bad})
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "line 1 is not valid JSON"),
+    ('{"setting": "A", "method": "ce", "seed": "x", "config": {}}', "line 1 is not a run record"),
+    ('["a list"]', "line 1 is not a run record"),
+])
+def test_damaged_run_records_are_a_one_line_error(line, needle, tmp_path):
+    (tmp_path / "runs.jsonl").write_text(line + "\n")
+    with pytest.raises(UserError, match=needle) as info:
+        bench.load_records(tmp_path)
+    assert "runs.jsonl" in str(info.value) and "\n" not in str(info.value)

@@ -288,8 +288,10 @@ def load_records(out: Path) -> dict[tuple[str, str, int], dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}: line {n} is not valid JSON") from None
-        if not isinstance(rec, dict) or not {"setting", "method", "seed", "config"} <= set(rec):
-            raise UserError(f"{path}: line {n} is not a run record (setting, method, seed, config)")
+        if (not isinstance(rec, dict) or not {"setting", "method", "seed", "config"} <= set(rec)
+                or not isinstance(rec["seed"], int) or isinstance(rec["seed"], bool)
+                or not isinstance(rec["setting"], str) or not isinstance(rec["method"], str)):
+            raise UserError(f"{path}: line {n} is not a run record (setting, method, integer seed, config)")
         records[(str(rec["setting"]), str(rec["method"]), int(rec["seed"]))] = rec
     return records
 
@@ -325,15 +327,21 @@ def _status(r: PlannedRun, records: dict[tuple[str, str, int], dict] | None = No
     return "new"
 
 
-def _same_config(r: PlannedRun) -> bool | None:
-    """Whether the run directory's ``config.yaml`` is ``r``'s config (options added since it was
-    written count at their defaults: :func:`~labelrefine.config.config_difference`); ``None``
-    when the file cannot be read or parsed."""
+def _stored_config(r: PlannedRun) -> dict | None:
+    """The run directory's ``config.yaml``, parsed; ``None`` when it cannot be read or parsed."""
     try:
         stored = yaml_load((r.out / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return config_difference(stored, r.cfg) is None
+    return stored if isinstance(stored, dict) else None
+
+
+def _same_config(r: PlannedRun) -> bool | None:
+    """Whether the run directory's ``config.yaml`` is ``r``'s config (options added since it was
+    written count at their defaults: :func:`~labelrefine.config.config_difference`); ``None``
+    when the file cannot be read or parsed."""
+    stored = _stored_config(r)
+    return None if stored is None else config_difference(stored, r.cfg) is None
 
 
 def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,
@@ -488,8 +496,10 @@ def write_results(suite: Suite, out: Path, runs: list[PlannedRun], failures: dic
     records = load_records(out)
     rows = collect(suite, runs, failures, records)
     for r, row in zip(runs, rows, strict=True):
-        if row["status"] == "ok":
-            records[(r.setting.name, r.method, r.seed)] = {**row, "config": config_to_dict(r.cfg)}
+        key = (r.setting.name, r.method, r.seed)
+        if row["status"] == "ok" and (r.out / FINISHED_MARKER).is_file():  # (a recorded row keeps its record)
+            # the config the run was made with (its config.yaml), not today's resolution of it
+            records[key] = {**row, "config": _stored_config(r) or config_to_dict(r.cfg)}
     write_text(out / RECORDS, "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records.values()))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
