@@ -1,6 +1,6 @@
 """``labelrefine bench speed``: where the training time goes, measured side by side in one process.
 
-The profile is the CPU suite's (``cpu-cifar10``: ResNet-18 with the CIFAR stem at width 8,
+The profile is the CPU suite's (``cpu-cifar10-quick``: ResNet-18 with the CIFAR stem at width 8,
 batch 128, SimCLR batch 256, 2 threads) on its 3,000-image subset of the shared CIFAR-10, with
 IDN-20% labels, on the CPU. ``--set`` overrides any run-config key (``device=cuda``,
 ``model.width=64``, ``optim.batch_size=256``, ``data.spec=...``) and the bench's own options
@@ -61,7 +61,7 @@ from ..io import write_csv, write_text
 
 log = logging.getLogger("labelrefine")
 
-PROFILE_SUITE = "cpu-cifar10"
+PROFILE_SUITE = "cpu-cifar10-quick"
 # On top of the suite's config: its first setting (IDN-20%), the whole 3,000-image subset as the
 # training set (no validation split: nothing is evaluated), the CPU, one seed.
 BASE_OVERRIDES = ["method=ce", "data.noise=idn", "data.noise_rate=0.2", "data.val_fraction=0", "device=cpu",
