@@ -78,6 +78,9 @@ class SSLConfig:
     proj_dim: int = 128  # projection output dimension
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale bound (CIFAR SimCLR uses 0.08-0.2)
     cache: bool = True  # cache the pretrained encoder, keyed by data content, backbone, this section and seed
+    # Seed of the pretraining alone (the encoder's initial weights, its batches and augmentations);
+    # -1 = the run's seed. A fixed value makes one pretraining (one cache entry) serve every seed.
+    seed: int = -1
 
 
 @dataclass
@@ -267,6 +270,7 @@ RANGES: dict[str, Range] = {
     "ssl.proj_hidden": at_least(1),
     "ssl.proj_dim": at_least(1),
     "ssl.crop_scale_min": unit(lo_open=True),
+    "ssl.seed": Range(0, 2**32 - 2, also=(-1,), meaning="the run's seed"),
 }
 
 

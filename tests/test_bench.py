@@ -36,12 +36,14 @@ def tiny_suite(**extra) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["paper-cifar10", "paper-cifar100", "cpu-cifar10", "cpu-pneumonia"])
+@pytest.mark.parametrize("name", ["paper-cifar10", "paper-cifar100", "cpu-cifar10", "cpu-cifar10-quick",
+                                  "cpu-pneumonia"])
 def test_builtin_suites_build_and_validate(name, tmp_path):
     suite = load_suite(name)
     runs = plan(suite, tmp_path, seeds=2)
+    capped = sum(1 for m in suite.methods if suite.method_seeds.get(m, 2) < 2)  # method_seeds: 1
     per_seed = len(suite.settings) * len(suite.methods) + 1
-    assert len(runs) == 2 * per_seed
+    assert len(runs) == 2 * per_seed - len(suite.settings) * capped
     for r in runs:
         parse_spec(r.cfg.data.spec)  # a valid data spec
         assert r.cfg.seed == r.seed and r.cfg.data.noise_seed == r.seed
@@ -76,15 +78,30 @@ def test_paper_suites_hold_the_papers_settings(name, classes, tmp_path):
 
 
 def test_cpu_suites_cover_what_the_issue_asks(tmp_path):
-    c10 = load_suite("cpu-cifar10")
-    assert c10.methods == REGISTERED and c10.budget_minutes == 60
-    assert [s.name for s in c10.settings] == ["IDN-20%", "IDN-50%", "CIFAR-10N worse"]
-    cfgs = {(r.setting.name, r.method): r.cfg for r in plan(c10, tmp_path, seeds=1)}
+    quick = load_suite("cpu-cifar10-quick")  # every method, under an hour
+    assert quick.methods == REGISTERED and quick.budget_minutes == 60
+    assert [s.name for s in quick.settings] == ["IDN-20%", "IDN-50%", "CIFAR-10N worse"]
+    cfgs = {(r.setting.name, r.method): r.cfg for r in plan(quick, tmp_path, seeds=1)}
     assert cfgs[("CIFAR-10N worse", "ours")].data.noise == "column:worse"
     ours = cfgs[("IDN-50%", "ours")]
     # every phase of the method is kept: SSL, warmup, 4 iterations with stages, fine-tune
     assert ours.ssl.epochs > 0 and ours.refine.warmup_epochs > 0 and ours.refine.iterations == 4
     assert len(ours.refine.first_stages) >= 2 and ours.finetune.epochs > 0
+    # issue 15: five methods on the fast recipe, 3 seeds where they decide, costly ones capped at 1
+    c10 = load_suite("cpu-cifar10")
+    assert c10.methods == ["ce", "ce_ssl", "ours", "dividemix", "ours_dividemix"] and c10.reference
+    assert [s.name for s in c10.settings] == ["IDN-20%", "IDN-50%", "CIFAR-10N worse"]
+    assert c10.method_seeds == {"dividemix": 1, "ours_dividemix": 1}
+    runs = plan(c10, tmp_path, seeds=3)
+    cfgs = {(r.setting.name, r.method, r.seed): r.cfg for r in runs}
+    assert ("IDN-20%", "ours", 2) in cfgs and ("IDN-20%", "dividemix", 1) not in cfgs
+    ours = cfgs[("CIFAR-10N worse", "ours", 0)]
+    assert ours.model.backbone == "airbench" and ours.data.train_subset == 15000
+    assert ours.optim.label_smoothing == 0.0  # it would cap the confidence the refinement's threshold reads
+    assert ours.refine.warmup_epochs + ours.refine.iterations * 3 + ours.finetune.epochs == ours.epochs
+    # one SimCLR pretraining for every SimCLR-initialised run; the others keep the run's seed
+    assert {r.cfg.ssl.seed for r in runs if r.method in ("ce_ssl", "ours", "ours_dividemix")} == {0}
+    assert {r.cfg.ssl.seed for r in runs if r.method in ("ce", "dividemix", REFERENCE)} == {-1}
     pneu = load_suite("cpu-pneumonia")
     assert pneu.methods == ["ce", "ce_ssl", "dividemix", "ours", "ours_dividemix"] and pneu.reference  # issue 15
     assert [s.name for s in pneu.settings] == ["IDN-20%", "IDN-30%"]
@@ -223,7 +240,7 @@ def test_bad_suite_files(edit, message, tmp_path, capsys):
 def test_bench_list_and_dry_run(capsys, tmp_path):
     assert main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("cpu-cifar10", "cpu-pneumonia", "paper-cifar10", "paper-cifar100"):
+    for name in ("cpu-cifar10", "cpu-cifar10-quick", "cpu-pneumonia", "paper-cifar10", "paper-cifar100"):
         assert name in listed
     assert main(["bench", "paper-cifar10", "--out", str(tmp_path / "o"), "--dry-run", "--methods", "ours"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -181,3 +181,19 @@ def test_model_expand_reaches_airbench_and_only_airbench(tiny_config):
     assert model.fc.in_features == 16  # groups 8, 16, 16
     with pytest.raises(UserError, match="model.expand"):
         tiny_config("model.backbone=resnet18_cifar", "model.expand=2")
+
+
+def test_ours_fine_tune_does_not_repeat_the_runs_lr_warmup(tiny_config):
+    from labelrefine.engine import EpochSpec
+    from labelrefine.methods import get_method
+
+    cfg = tiny_config("method=ours", "ssl.epochs=0", "optim.schedule=linear", "optim.warmup_lr_epochs=2",
+                      "optim.warmup_start=0.2", "optim.final_lr=0.1", "finetune.epochs=1",
+                      "finetune.lr_scale=0.5")
+    method = get_method("ours")(_ctx(cfg))
+    method.on_epoch_start(EpochSpec("finetune", 0, 1))
+    ft = method.finetuner
+    assert ft.warmup == 0.0 and method.sup.warmup == 2.0  # the main learner keeps the run's ramp
+    assert ft.set_lr() == pytest.approx(cfg.optim.lr * 0.5)  # the fine-tune starts at its peak
+    ft.progress = 1.0
+    assert ft.set_lr() == pytest.approx(cfg.optim.lr * 0.5 * 0.1)

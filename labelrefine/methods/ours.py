@@ -157,8 +157,7 @@ class Ours(Method):
             elif r.lr_schedule == "restart":
                 self.sup.progress, self.sup.total_epochs = 0.0, float(iteration_length(self.cfg, spec.iteration))
         if spec.phase == "finetune" and self.finetuner is None:
-            self.finetuner = Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
-                                     lr_scale=self.cfg.finetune.lr_scale)
+            self.finetuner = self._finetune_learner()
         return {}
 
     def passes(self, spec: EpochSpec):
@@ -237,6 +236,12 @@ class Ours(Method):
             model.load_state_dict(self.init_state)
         self.sup = Learner(ctx, iteration_length(self.cfg, iteration), model=model)
 
+    def _finetune_learner(self) -> Learner:
+        """The fine-tune's optimizer: ``finetune.lr_scale`` x the lr, without the run's lr warmup
+        (``optim.warmup_lr_epochs`` ramps the start of the whole run, not of its last epochs)."""
+        return Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
+                       lr_scale=self.cfg.finetune.lr_scale, warmup=0.0)
+
     def on_supervised_start(self) -> None:
         """Remember the initial (SimCLR) weights for ``reinit=ssl``."""
         if self.cfg.refine.reinit == "ssl" and self.init_state is None:
@@ -273,8 +278,7 @@ class Ours(Method):
         self.sup = Learner(self.ctx, state["sup"]["total_epochs"], model=self.sup.model)
         self.sup.load_state_dict(state["sup"])
         if state["finetuner"] is not None:
-            self.finetuner = Learner(self.ctx, self.cfg.finetune.epochs, model=self.sup.model,
-                                     lr_scale=self.cfg.finetune.lr_scale)
+            self.finetuner = self._finetune_learner()
             self.finetuner.load_state_dict(state["finetuner"])
         if self.ssl is not None and state["ssl"] is not None:
             self.ssl.load_state_dict(state["ssl"])

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import distributed as ddp
 from ..engine import Context, EpochSpec, Learner, Pass, Step, backbone_kwargs, to_device
+from ..engine.checkpoint import seed_everything
 from ..errors import UserError
 from ..losses import nt_xent
 from ..models import encoder_state, is_classifier_key
@@ -55,7 +56,11 @@ def images_fingerprint(images: torch.Tensor) -> str:
 
 def encoder_cache_key(ctx: Context) -> str:
     cfg = ctx.cfg
-    ssl = {k: v for k, v in dataclasses.asdict(cfg.ssl).items() if k != "cache"}
+    ssl = {k: v for k, v in dataclasses.asdict(cfg.ssl).items() if k not in ("cache", "seed")}
+    # ssl.seed = -1 pretrains inside the run's own random stream ("seed": the run's seed, the key
+    # of every encoder cached before the option existed); a pinned ssl.seed reseeds the
+    # pretraining on its own (another computation, so another key: "ssl_seed").
+    seed = {"seed": cfg.seed} if cfg.ssl.seed < 0 else {"ssl_seed": cfg.ssl.seed}
     blob = json.dumps({
         "version": CACHE_VERSION,
         "images": images_fingerprint(ctx.ssl_all),
@@ -63,7 +68,7 @@ def encoder_cache_key(ctx: Context) -> str:
         "backbone_kwargs": backbone_kwargs(cfg),
         "ssl": ssl,
         "flip": cfg.flip,
-        "seed": cfg.seed,
+        **seed,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -206,15 +211,33 @@ class SSLInit:
         self.model = model
         self.epochs = ctx.cfg.ssl.epochs
         self.cached = self.epochs > 0 and load_cached_encoder(ctx, model)
-        self.trainer: SimCLR | None = None if self.cached or self.epochs == 0 else SimCLR(ctx, model)
+        self.pretrain = self.epochs > 0 and not self.cached
+        # A pinned ssl.seed builds the trainer at the first SSL epoch, after reseeding (on_epoch_start).
+        self.pinned = ctx.cfg.ssl.seed >= 0
+        self.trainer: SimCLR | None = SimCLR(ctx, model) if self.pretrain and not self.pinned else None
 
     def specs(self) -> list[EpochSpec]:
-        if self.trainer is None:
+        if not self.pretrain:
             return []
         return [EpochSpec("ssl", 0, e, supervised=False) for e in range(1, self.epochs + 1)]
 
     def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
+        if self.pinned and spec.epoch == 1:
+            self._start_pinned()
         return {}
+
+    def _start_pinned(self) -> None:
+        """``ssl.seed`` >= 0: the pretraining depends on that seed alone, not on the run's. Every
+        generator is reseeded and the encoder gets fresh initial weights drawn from it (the
+        classifier keeps the run's), so runs of any seed pretrain the same encoder and one
+        cache entry is right for all of them. Supervised training is reseeded from the run's
+        seed afterwards (the Trainer), as it is after a cached encoder."""
+        seed = self.ctx.cfg.ssl.seed
+        seed_everything(seed)
+        self.ctx.generator.manual_seed(seed)
+        fresh = self.ctx.new_model()
+        self.model.load_state_dict(encoder_state(fresh.state_dict()), strict=False)
+        self.trainer = SimCLR(self.ctx, self.model)
 
     def passes(self, spec: EpochSpec) -> list[Pass]:
         assert self.trainer is not None
@@ -225,6 +248,7 @@ class SSLInit:
         if spec.epoch == self.epochs:
             save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"]})
             self.trainer = None  # free the projection head, its optimizer and the SSL image copy
+            self.pretrain = False
         return logs
 
     def state_dict(self) -> dict:
@@ -232,7 +256,7 @@ class SSLInit:
 
     def load_state_dict(self, state: dict) -> None:
         if state["trainer"] is None:
-            self.trainer = None
+            self.trainer = None  # before the first SSL epoch (pinned seed) or after the last one
         else:
             if self.trainer is None:
                 self.trainer = SimCLR(self.ctx, self.model)
