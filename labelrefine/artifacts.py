@@ -101,6 +101,7 @@ def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: L
         "best_val_epoch": None if best is None else best["epoch"],
         "best_val_test_acc": None if best is None else best["test_acc"],
         "n_label_issues": int(rep.is_label_issue.sum()),
+        **({} if state.get("ssl_knn_test_acc") is None else {"ssl_knn_test_acc": state["ssl_knn_test_acc"]}),
         "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
                     "total_training": round(state["elapsed"], 3)},
         "config_hash": config_hash(cfg), "code_version": version,

@@ -274,6 +274,20 @@ class Context:
         if images is None and self.world > 1:
             ddp.average_buffers(model)
             return ddp.gather_rows(self.logits_all(model, self.x, tta=tta), self.n)
+        return self._forward_all(model, images, lambda b: _tta_logits(model, b, tta), self.num_classes)
+
+    @torch.no_grad()
+    def features_all(self, model: nn.Module, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 penultimate features ``(N, model.feat_dim)`` of every image, as :meth:`logits_all`
+        scores them (eval mode, no augmentation; ``images=None``: the training set, gathered)."""
+        if images is None and self.world > 1:
+            ddp.average_buffers(model)
+            return ddp.gather_rows(self.features_all(model, self.x), self.n)
+        return self._forward_all(model, images, lambda b: model.features(b).float(), model.feat_dim)
+
+    def _forward_all(self, model: nn.Module, images: torch.Tensor | None, fn, width: int) -> torch.Tensor:
+        """``fn`` of every normalised, un-augmented batch of ``images`` (default: this rank's training
+        images) with ``model`` in eval mode, concatenated: ``(N, width)``."""
         x = self.x if images is None else images
         was_training = model.training
         model.eval()
@@ -282,10 +296,10 @@ class Context:
         for start in range(0, x.shape[0], bs):
             batch = self.aug_none(x[start:start + bs].to(self.device)).contiguous(memory_format=self.memory_format)
             with self.autocast():
-                out.append(_tta_logits(model, batch, tta))
+                out.append(fn(batch))
         model.train(was_training)
         if not out:
-            return torch.zeros(0, self.num_classes, device=self.device)
+            return torch.zeros(0, width, device=self.device)
         return torch.cat(out)
 
 

@@ -176,6 +176,7 @@ class Trainer:
                 self.ctx.generator.manual_seed(self.cfg.seed + 1)
                 self.method.on_supervised_start()
                 state["supervised_started"] = True
+                state["ssl_knn_test_acc"] = self._ssl_knn()
             t0 = time.perf_counter()
             try:
                 logs = self.run_epoch(spec)
@@ -186,6 +187,9 @@ class Trainer:
                 ddp.average_buffers(net)  # BatchNorm statistics: the same model on every rank
             state["phase_seconds"][spec.phase] = state["phase_seconds"].get(spec.phase, 0.0) + dt
             record = {**spec.as_dict(), "global_epoch": i + 1, **logs, "seconds": round(dt, 3)}
+            if spec.supervised and i == next(j for j, s in enumerate(schedule) if s.supervised) \
+                    and state.get("ssl_knn_test_acc") is not None:
+                record["ssl_knn_test_acc"] = state["ssl_knn_test_acc"]  # the first supervised epoch's record
             if i in evaluated:
                 self._evaluate(record, spec, i)
             if self.oracle is not None:
@@ -202,6 +206,23 @@ class Trainer:
                              self.fingerprint)
                 saved_epoch = i + 1
         return state
+
+    SSL_KNN_K, SSL_KNN_T = 200, 0.1  # lightly's CIFAR benchmark settings
+
+    def _ssl_knn(self) -> float | None:
+        """The SimCLR encoder's diagnostic, before any supervised step: kNN accuracy of the test
+        split against the training images with the labels the run was given (noisy unless the
+        noise is none), in the encoder's feature space (:mod:`labelrefine.knn`). Test labels are
+        used for this evaluation only; nothing is selected by it. None without SSL or a test split."""
+        ssl = getattr(self.method, "ssl", None)
+        if ssl is None or self.test is None or self.cfg.ssl.epochs == 0:
+            return None
+        from ..knn import knn_accuracy
+
+        ctx = self.ctx
+        bank = ctx.features_all(ssl.model)
+        query = ctx.features_all(ssl.model, self.test[0])
+        return knn_accuracy(bank, ctx.y, query, self.test[1], ctx.num_classes, k=self.SSL_KNN_K, temperature=self.SSL_KNN_T)
 
     def _diverged(self, spec: EpochSpec, i: int, saved_epoch: int | None) -> str:
         n = len(self.schedule)
