@@ -222,7 +222,8 @@ class Trainer:
         ctx = self.ctx
         bank = ctx.features_all(ssl.model)
         query = ctx.features_all(ssl.model, self.test[0])
-        return knn_accuracy(bank, ctx.y, query, self.test[1], ctx.num_classes, k=self.SSL_KNN_K, temperature=self.SSL_KNN_T)
+        return knn_accuracy(bank, ctx.y, query, self.test[1], ctx.num_classes,
+                            k=self.SSL_KNN_K, temperature=self.SSL_KNN_T)
 
     def _diverged(self, spec: EpochSpec, i: int, saved_epoch: int | None) -> str:
         n = len(self.schedule)
