@@ -24,7 +24,8 @@ def _ours(tiny_config, *overrides: str):
 
 
 @pytest.mark.parametrize(("copies", "keep_previous", "expect"), [
-    ("pseudo_labelled", "true", "union"), ("latest", "true", "second"), ("pseudo_labelled", "false", "second")])
+    ("pseudo_labelled", "true", "union"), ("latest", "true", "second"), ("pseudo_labelled", "false", "second"),
+    ("changed", "true", "changed"), ("changed", "false", "changed")])
 def test_copies_follow_the_samples_that_carry_a_pseudo_label(tiny_config, monkeypatch, copies, keep_previous,
                                                              expect):
     m = _ours(tiny_config, f"refine.copies={copies}", f"refine.keep_previous={keep_previous}")
@@ -37,7 +38,11 @@ def test_copies_follow_the_samples_that_carry_a_pseudo_label(tiny_config, monkey
     trainer = Trainer(m.ctx, m)
     for spec in [s for s in m.schedule() if s.phase in ("warmup", "refine")]:
         trainer.run_epoch(spec)
-    want = {"union": first | second, "second": second}[expect]
+    # changed: only the samples whose training label is now not the given one (a confirmed label gets no copy)
+    want = {"union": first | second, "second": second, "changed": m.labels != m.given}[expect]
+    if expect == "changed":
+        carried = (first | second) if keep_previous == "true" else second
+        assert torch.equal(want, carried & (m.given != 0)) and bool(want.any()) and not torch.equal(want, carried)
     assert torch.equal(m.copies, want)
     idx, targets, strong = m._train_rows()
     assert torch.equal(idx[n:], want.nonzero().flatten()) and bool(strong[n:].all()) and not bool(strong[:n].any())

@@ -63,8 +63,10 @@ class RefineConfig:
     reinit: Literal["none", "ssl", "random"] = "none"  # re-initialise the model at each iteration's start
     augment_copies: bool = True  # add pseudo-labelled samples again as strongly augmented copies (papers)
     # Which samples get a copy: every sample whose training label is a pseudo-label (from any
-    # iteration), or only those of the latest iteration's consensus (the behaviour before 0.1.1).
-    copies: Literal["pseudo_labelled", "latest"] = "pseudo_labelled"
+    # iteration), only those of the latest iteration's consensus (the behaviour before 0.1.1), or
+    # only those whose training label differs from the given one (changed: no copies, so no
+    # change to the epoch, when the refinement confirms labels without correcting any).
+    copies: Literal["pseudo_labelled", "latest", "changed"] = "pseudo_labelled"
     # lr schedule: one cosine over warmup + all iterations, or a restart (a fresh cosine, same
     # optimizer and weights) for the warmup and for each iteration (open question).
     lr_schedule: Literal["continuous", "restart"] = "continuous"
@@ -221,7 +223,7 @@ class Ours(Method):
         # A copy for every sample that carries a pseudo-label: with keep_previous an earlier
         # iteration's pseudo-label survives, so its copy does too (copies=pseudo_labelled).
         keep = r.copies == "pseudo_labelled" and r.keep_previous
-        self.copies = mask | self.copies if keep else mask
+        self.copies = (new != self.given) if r.copies == "changed" else mask | self.copies if keep else mask
         self._view["pseudo_mask"] = mask
         self.n_stages += self.history.n_selected
         self.history = None
