@@ -288,3 +288,39 @@ def test_asymmetric_alias_gets_exactly_the_pairflip_settings(tiny_config, rate):
     assert (a.lambda_max, a.warmup_penalty) == (p.lambda_max, p.warmup_penalty) == (0.0, True)
     assert [(s.phase, s.epoch) for s in a.schedule()] == [(s.phase, s.epoch) for s in p.schedule()]
     assert torch.equal(a.ctx.y, p.ctx.y)  # the same noisy labels too
+
+
+def test_a_mixmatch_epoch_does_the_references_work_and_no_more(tiny_config):
+    """The images each net sees in a MixMatch epoch, counted by forward hooks: per step of net k
+    (nl labelled, nu unlabelled), with grad the mixed batch 2nl + 2nu; without grad net k's
+    targets on all four views (2nu + 2nl) and the other net's co-guess on 2nu; plus one GMM
+    scoring pass per net over the training set. (In CE-epoch units, fwd+bwd = 3 forwards, that
+    is 2 x 6f + 2/3 at labelled fraction f: about 10 at f = 0.8, see docs/research/dividemix-cost.md.)"""
+    cfg = tiny_config("method=dividemix", "ssl.epochs=0", "dividemix.warmup_epochs=1", "epochs=2")
+    method = get_method("dividemix")(_context(cfg))
+    seen = [{"grad": 0, "nograd": 0} for _ in method.sups]
+
+    def counter(k):
+        def hook(module, args, output):
+            seen[k]["grad" if torch.is_grad_enabled() else "nograd"] += args[0].shape[0]
+        return hook
+
+    for k, sup in enumerate(method.sups):
+        sup.model.register_forward_hook(counter(k))
+    warmup, train = method.schedule()
+    _drive(method, [warmup])
+    for s in seen:
+        s.update(grad=0, nograd=0)
+    logs = _drive(method, [train], started=True)[0]
+    n, bs = method.ctx.n, cfg.optim.batch_size
+    for k in range(2):
+        other = 1 - k
+        nl, steps = logs[f"labelled_net{k + 1}"], logs[f"steps_net{k + 1}"]
+        nu = bs * steps  # the unlabelled set is cycled, a full batch a step
+        assert steps == -(-nl // bs)
+        assert seen[k]["grad"] == 2 * nl + 2 * nu
+        # net k: its own targets (2nu + 2nl) and its GMM pass (n); as the other net: co-guesses for the
+        # other net's unlabelled batches
+        nl_o, steps_o = logs[f"labelled_net{other + 1}"], logs[f"steps_net{other + 1}"]
+        assert seen[k]["nograd"] == (2 * nu + 2 * nl) + n + 2 * bs * steps_o
+        assert 0 < nl_o <= n
