@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,19 @@ def model_blob(cfg: RunConfig, ctx: Context, method, state: dict, classes: list[
             "config": config_to_dict(cfg), "code_version": version}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows: a run's speed and its
+    exact numbers depend on it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")]
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: LabelReport,
                oracle: Oracle | None, t_data: float, version: str) -> dict:
     best = state["best"]
@@ -105,7 +119,7 @@ def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: L
         "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
                     "total_training": round(state["elapsed"], 3)},
         "config_hash": config_hash(cfg), "code_version": version,
-        "torch": torch.__version__, "device": str(ctx.device),
+        "torch": torch.__version__, "device": str(ctx.device), "cpu": cpu_name(),
         "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if oracle is not None:

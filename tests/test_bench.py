@@ -114,6 +114,10 @@ def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
     rows = run_suite(suite, out, seeds=1, command="labelrefine bench tiny")
     assert len(rows) == 1 + 2 * 2
     assert all(r["status"] == "ok" for r in rows)
+    from labelrefine.artifacts import cpu_name
+
+    assert {r["cpu"] for r in rows} == {cpu_name()} and cpu_name()  # each run records its CPU
+    assert f"runs on: {cpu_name()};" in (out / "results.md").read_text()
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in table] == [REFERENCE, "ce", "ours", "ce", "ours"]
     assert set(bench.COLUMNS) == set(table[0])

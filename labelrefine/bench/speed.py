@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..artifacts import cpu_name
 from ..config import RunConfig, _from_dict, apply_overrides, config_from_dict, config_to_dict, dump_yaml
 from ..engine import Context, EpochSpec, Learner, Trainer, resolve_device
 from ..engine.checkpoint import seed_everything
@@ -909,15 +910,7 @@ def _target_rows(sup: dict, ssl: dict, ce: float, ours: float, ours_train: float
 
 
 def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical CPUs ({platform.system()} {platform.machine()})"
+    text = f"{cpu_name()}, {os.cpu_count()} logical CPUs ({platform.system()} {platform.machine()})"
     if device.type == "cuda":
         text += f"; GPU {torch.cuda.get_device_name(device)}"
     return text

@@ -454,7 +454,9 @@ def _row(suite: Suite, r: PlannedRun, status: str) -> dict[str, Any]:
         "seconds_data": sec.get("data"),
         **{f"seconds_{p}": sec.get(p) for p in PHASES},
         "seconds_total": sec.get("total_training"),
+        "ssl_knn_test_acc": s.get("ssl_knn_test_acc"),
         "config_hash": s["config_hash"], "code_version": s["code_version"], "device": s.get("device"),
+        "cpu": s.get("cpu"),
         "run_dir": str(r.out), "finished_at": s.get("finished_at"), "status": "ok",
     })
     return row
@@ -463,8 +465,8 @@ def _row(suite: Suite, r: PlannedRun, status: str) -> dict[str, Any]:
 COLUMNS = ["suite", "dataset", "setting", "noise_type", "requested_rate", "achieved_rate", "method", "seed",
            "status", "final_test_acc", "best_val_test_acc", "best_val_acc", "best_val_epoch", "r_final",
            "r_best_val", "train_label_acc_before", "train_label_acc_after", "issue_precision", "issue_recall",
-           "n_train", "n_val", "n_test", "seconds_data", *[f"seconds_{p}" for p in PHASES], "seconds_total",
-           "config_hash", "code_version", "device", "finished_at", "data", "run_dir"]
+           "ssl_knn_test_acc", "n_train", "n_val", "n_test", "seconds_data", *[f"seconds_{p}" for p in PHASES],
+           "seconds_total", "config_hash", "code_version", "device", "cpu", "finished_at", "data", "run_dir"]
 
 
 def collect(suite: Suite, runs: list[PlannedRun], failures: dict[int, str] | None = None,
@@ -533,10 +535,17 @@ def _cells(rows: list[dict], key: str) -> dict[tuple[str, str], tuple[float, flo
 def _machine(rows: list[dict]) -> str:
     import torch
 
+    from ..artifacts import cpu_name
+
     devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} logical CPUs, "
-            f"torch {torch.__version__}, device {', '.join(devices) or '-'}")
+    # The CPUs the runs recorded (a suite may span machines); runs from before the field say nothing.
+    cpus = sorted({str(r["cpu"]) for r in rows if r.get("cpu")})
+    unknown = sum(1 for r in rows if not r.get("cpu"))
+    cpu = "; ".join(cpus) if cpus else "not recorded by the runs"
+    if cpus and unknown:
+        cpu += f"; {unknown} run(s) from before CPUs were recorded"
+    return (f"{platform.system()} {platform.machine()}, runs on: {cpu}; this table written on {cpu_name()}, "
+            f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, device {', '.join(devices) or '-'}")
 
 
 def _dates(rows: list[dict]) -> str:
