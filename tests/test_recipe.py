@@ -72,10 +72,12 @@ def test_learner_sets_each_groups_lr(tiny_config):
 
 def test_lookahead_against_a_hand_computed_average():
     net = nn.Linear(1, 1, bias=False)
-    net.weight.requires_grad_(False).fill_(0.0)
+    net.weight.requires_grad_(False).fill_(5.0)
     la = Lookahead(net, every=2, decay=0.5)
+    net.weight.data.fill_(0.0)  # changed after construction (SimCLR, a cached encoder): the slow copy starts here
     slow = fast = 0.0
     for step in range(1, 7):
+        la.begin()  # the Learner calls it before every optimizer step: the first one snapshots
         net.weight.data += 1.0  # a "training step"
         fast += 1.0
         la.step(step / 6)

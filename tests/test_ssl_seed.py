@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import TINY
 
@@ -46,11 +47,12 @@ def test_a_pinned_ssl_seed_pretrains_the_same_encoder_for_every_run_seed(tmp_pat
     assert name6 != name0 and not all(torch.equal(enc0[k], enc6[k]) for k in enc0)
 
 
-def test_a_pinned_run_is_the_same_from_the_cache_as_pretrained(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("optim.lookahead=true",)])  # Lookahead's slow copy starts after SSL
+def test_a_pinned_run_is_the_same_from_the_cache_as_pretrained(extra, tmp_path):
     """Seed 3 pretrains in an empty cache; seed 3 again reads the encoder seed 0 cached: same run."""
-    run(_cfg(tmp_path / "shared", "seed=0", "ssl.seed=5"), tmp_path / "r0")
-    run(_cfg(tmp_path / "shared", "seed=3", "ssl.seed=5"), tmp_path / "hit")
-    run(_cfg(tmp_path / "empty", "seed=3", "ssl.seed=5"), tmp_path / "miss")
+    run(_cfg(tmp_path / "shared", "seed=0", "ssl.seed=5", *extra), tmp_path / "r0")
+    run(_cfg(tmp_path / "shared", "seed=3", "ssl.seed=5", *extra), tmp_path / "hit")
+    run(_cfg(tmp_path / "empty", "seed=3", "ssl.seed=5", *extra), tmp_path / "miss")
     hit, miss = _result(tmp_path / "hit"), _result(tmp_path / "miss")
     assert hit == miss
     phases = [json.loads(line)["phase"] for line in (tmp_path / "miss" / "metrics.jsonl").read_text().splitlines()]

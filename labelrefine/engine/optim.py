@@ -82,8 +82,16 @@ class Lookahead:
 
     def __init__(self, model: nn.Module, *, every: int = 5, decay: float = 0.95):
         self.model, self.every, self.decay = model, every, decay
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # Taken before the first optimizer step (begin), not here: a learner is built before
+        # SimCLR pretraining or a cached encoder changes the weights it will train.
+        self.slow: dict[str, torch.Tensor] | None = None
         self.steps = 0
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Before an optimizer step: the first one snapshots the weights as the slow copy."""
+        if self.slow is None:
+            self.slow = {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
     def step(self, t: float) -> None:
@@ -98,6 +106,8 @@ class Lookahead:
 
     @torch.no_grad()
     def finish(self) -> None:
+        if self.slow is None:  # never stepped
+            return
         fast = self.model.state_dict()
         for k, slow in self.slow.items():
             fast[k].copy_(slow)
@@ -106,8 +116,9 @@ class Lookahead:
         return {"slow": self.slow, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state["slow"].items():
-            self.slow[k].copy_(v)
+        fast = self.model.state_dict()
+        self.slow = None if state["slow"] is None else {
+            k: v.to(device=fast[k].device, dtype=fast[k].dtype).clone() for k, v in state["slow"].items()}
         self.steps = state["steps"]
 
 
@@ -188,6 +199,8 @@ class Learner:
         ``DistributedDataParallel`` wrappers of :attr:`nets` average the gradients over ranks
         during the backward pass."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.lookahead is not None:
+            self.lookahead.begin()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
