@@ -176,16 +176,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("bench: --out DIR is required")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    settings = [m.strip() for m in args.settings.split(",") if m.strip()] if args.settings else None
     command = "labelrefine bench " + " ".join(shlex.quote(a) for a in args.argv_tail)
     if args.suite == SPEED:
+        if settings:
+            raise UserError("bench speed: --settings applies to suites only")
         return _bench_speed(args, methods, command)
     suite = load_suite(args.suite)
     if args.dry_run:
         print(dry_run(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
-                      overwrite=args.overwrite))
+                      overwrite=args.overwrite, settings=settings))
         return 0
     run_suite(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
-              overwrite=args.overwrite, command=command)
+              overwrite=args.overwrite, command=command, settings=settings)
     print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
     return 0
 
@@ -328,6 +331,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--out", metavar="DIR", help="output directory of the suite")
     b.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 (default 1)")
     b.add_argument("--methods", metavar="A,B", help="only these methods of the suite (the clean reference always runs)")
+    b.add_argument("--settings", metavar="A,B",
+                   help="only these noise settings of the suite, by name or directory slug (the clean reference "
+                   "always runs); the results table still covers the whole suite")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every run, e.g. --set data.spec=cifar10:/data (repeatable)")
     b.add_argument("--overwrite", action="store_true", help="re-run runs that were made with another config")

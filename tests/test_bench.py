@@ -160,6 +160,38 @@ def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
     assert "new" in bench.dry_run(suite, out, user_overrides=["optim.lr=0.07"]).split()
 
 
+def test_a_partial_invocation_runs_its_part_and_keeps_the_whole_table(tmp_path, monkeypatch):
+    """--settings / --methods choose what runs; results.* still cover every run of the suite."""
+    monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
+    suite = suite_from_dict(tiny_suite(methods=["ce", "ours"]))
+    out = tmp_path / "suite"
+    ran: list[str] = []
+    from labelrefine import pipeline
+
+    real = pipeline.run
+
+    def spy(cfg, run_out, **kw):
+        ran.append(str(Path(run_out).relative_to(out / "runs")))
+        return real(cfg, run_out, **kw)
+
+    monkeypatch.setattr("labelrefine.pipeline.run", spy)
+    text = bench.dry_run(suite, out, settings=["idn-20"], methods=["ce"])  # by slug
+    assert len(text.splitlines()) == 2 and "Sym-20%" not in text
+    rows = run_suite(suite, out, seeds=1, command="x", settings=["IDN-20%"], methods=["ce"])
+    assert ran == ["clean/ce/seed0", "idn-20/ce/seed0"]
+    assert [(r["setting"], r["method"], r["status"]) for r in rows] == [
+        ("clean labels", REFERENCE, "ok"), ("Sym-20%", "ce", "pending"), ("Sym-20%", "ours", "pending"),
+        ("IDN-20%", "ce", "ok"), ("IDN-20%", "ours", "pending")]
+    assert "**Incomplete:** 3 run(s) not finished" in (out / "results.md").read_text()
+    # Another part later: the first part's runs stay in the table (cached, not run again).
+    ran.clear()
+    rows = run_suite(suite, out, seeds=1, command="x", settings=["Sym-20%"], methods=["ce"])
+    assert ran == ["sym-20/ce/seed0"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "pending", "ok", "pending"]
+    assert (bench.equivalent_command(suite, "o", settings=["IDN-20%"])
+            == "labelrefine bench tiny --out o --settings IDN-20%")
+
+
 def test_interrupted_suite_resumes_and_stale_runs_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
     suite = suite_from_dict(tiny_suite(methods=["ce"]))
@@ -211,6 +243,9 @@ def test_run_stopped_before_its_report_is_resumed_not_cached(tmp_path, monkeypat
 @pytest.mark.parametrize("args,message", [
     (["bench", "no-such-suite", "--out", "o"], "unknown suite 'no-such-suite'"),
     (["bench", "cpu-cifar10", "--out", "o", "--methods", "ours,nope"], "--methods: 'nope' is not in suite"),
+    (["bench", "cpu-cifar10", "--out", "o", "--settings", "IDN-20%,IDN-90%"],
+     "--settings: 'IDN-90%' is not a setting of suite cpu-cifar10"),
+    (["bench", "speed", "--out", "o", "--settings", "IDN-20%"], "--settings applies to suites only"),
     (["bench", "cpu-cifar10", "--out", "o", "--seeds", "0"], "--seeds 0"),
     (["bench", "cpu-cifar10"], "--out DIR is required"),
     (["bench", "cpu-cifar10", "--out", "o", "--set", "optim.lr=-1"], "optim.lr"),

@@ -236,8 +236,12 @@ def _cut(text: str, limit: int = 60) -> str:
 
 
 def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = None,
-         user_overrides: list[str] | None = None) -> list[PlannedRun]:
-    """Every run of the suite, the clean reference first, then setting by setting."""
+         user_overrides: list[str] | None = None, settings: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of the suite, the clean reference first, then setting by setting.
+
+    ``methods`` / ``settings`` keep only those methods / noise settings (by name or slug); the
+    clean reference is always planned.
+    """
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1")
     chosen = suite.methods
@@ -247,6 +251,15 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
             raise UserError(f"--methods: {short_repr(unknown[0])} is not in suite {suite.name} "
                             f"({', '.join(suite.methods)})")
         chosen = [m for m in suite.methods if m in methods]
+    chosen_settings = suite.settings
+    if settings:
+        known = {key: s for s in suite.settings for key in (s.name, s.slug)}
+        unknown = [name for name in settings if name not in known]
+        if unknown:
+            raise UserError(f"--settings: {short_repr(unknown[0])} is not a setting of suite {suite.name} "
+                            f"({', '.join(s.name for s in suite.settings)})")
+        wanted = {id(known[name]) for name in settings}
+        chosen_settings = [s for s in suite.settings if id(s) in wanted]
     user = list(user_overrides or [])
     runs: list[PlannedRun] = []
     for seed in range(seeds):
@@ -254,7 +267,7 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
             ref = Setting("clean labels", [])
             runs.append(PlannedRun(ref, REFERENCE, seed, run_config(suite, suite.settings[0], REFERENCE, seed, user),
                                    out / "runs" / REFERENCE_SETTING / "ce" / f"seed{seed}"))
-        for s in suite.settings:
+        for s in chosen_settings:
             for m in chosen:
                 if seed >= suite.method_seeds.get(m, seeds):
                     continue
@@ -345,9 +358,10 @@ def _same_config(r: PlannedRun) -> bool | None:
 
 
 def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,
-                user_overrides: list[str] | None, overwrite: bool) -> tuple[list[PlannedRun], list[str]]:
+                user_overrides: list[str] | None, overwrite: bool,
+                settings: list[str] | None = None) -> tuple[list[PlannedRun], list[str]]:
     """The planned runs and their statuses; an error if one is stale and not ``overwrite``."""
-    runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides)
+    runs = plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides, settings=settings)
     records = load_records(out)
     statuses = [_status(r, records) for r in runs]
     stale = [r for r, s in zip(runs, statuses, strict=True) if s == "stale"]
@@ -360,17 +374,19 @@ def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | Non
 
 
 def dry_run(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
-            user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+            user_overrides: list[str] | None = None, overwrite: bool = False,
+            settings: list[str] | None = None) -> str:
     """What :func:`run_suite` would do, one line per planned run (status, label, config hash,
     directory); nothing is run or written."""
     runs, statuses = _check_plan(suite, Path(out), seeds=seeds, methods=methods, user_overrides=user_overrides,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, settings=settings)
     return "\n".join(f"{s:>7}  {r.label:<45} {config_hash(r.cfg)}  {r.out}"
                      for r, s in zip(runs, statuses, strict=True))
 
 
 def equivalent_command(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
-                       user_overrides: list[str] | None = None, overwrite: bool = False) -> str:
+                       user_overrides: list[str] | None = None, overwrite: bool = False,
+                       settings: list[str] | None = None) -> str:
     """The ``labelrefine bench`` command line of a :func:`run_suite` call (for ``results.md``
     when the caller gives none)."""
     builtin = builtin_suites().get(suite.name)
@@ -381,6 +397,8 @@ def equivalent_command(suite: Suite, out: str | Path, *, seeds: int = 1, methods
         parts += ["--seeds", str(seeds)]
     if methods:
         parts += ["--methods", ",".join(methods)]
+    if settings:
+        parts += ["--settings", ",".join(settings)]
     for item in user_overrides or []:
         parts += ["--set", item]
     if overwrite:
@@ -390,19 +408,33 @@ def equivalent_command(suite: Suite, out: str | Path, *, seeds: int = 1, methods
 
 def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[str] | None = None,
               user_overrides: list[str] | None = None, overwrite: bool = False,
-              command: str | None = None) -> list[dict]:
+              command: str | None = None, settings: list[str] | None = None) -> list[dict]:
     """Run (or reuse) every planned run and write the results files; returns the result rows.
 
     ``command`` is the command line ``results.md`` shows (default: :func:`equivalent_command`).
+    The results files cover the whole suite at ``seeds`` seeds, whatever ``methods`` and
+    ``settings`` chose to run: runs of the others are shown from their directories or records
+    (``pending`` when there is neither), so a partial invocation does not shrink the table.
     """
     from ..pipeline import run
 
     out = Path(out)
     runs, statuses = _check_plan(suite, out, seeds=seeds, methods=methods, user_overrides=user_overrides,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, settings=settings)
     command = command or equivalent_command(suite, out, seeds=seeds, methods=methods,
-                                            user_overrides=user_overrides, overwrite=overwrite)
+                                            user_overrides=user_overrides, overwrite=overwrite, settings=settings)
+    table = runs
+    if methods or settings:
+        table = plan(suite, out, seeds=seeds, user_overrides=user_overrides)
+    chosen = {r.out: k for k, r in enumerate(runs)}
+    # A run outside this invocation whose directory holds another config is not shown as finished.
+    outside = {t: "stale" for t, r in enumerate(table) if r.out not in chosen and _status(r) == "stale"}
     failures: dict[int, str] = {}
+
+    def table_failures() -> dict[int, str]:
+        by_out = {runs[k].out: v for k, v in failures.items()}
+        return {**outside, **{t: by_out[r.out] for t, r in enumerate(table) if r.out in by_out}}
+
     t0 = time.perf_counter()
     for k, (r, s) in enumerate(zip(runs, statuses, strict=True)):
         if s in ("cached", "recorded"):
@@ -418,8 +450,8 @@ def run_suite(suite: Suite, out: str | Path, *, seeds: int = 1, methods: list[st
         except UserError as e:  # one run's bad setting must not stop the others
             log.error("%s: %s", r.label, e)
             failures[k] = "error"
-        write_results(suite, out, runs, failures, command=command, seeds=seeds)
-    rows = write_results(suite, out, runs, failures, command=command, seeds=seeds)
+        write_results(suite, out, table, table_failures(), command=command, seeds=seeds)
+    rows = write_results(suite, out, table, table_failures(), command=command, seeds=seeds)
     log.info("suite %s: done in %.1f min (this invocation); results in %s", suite.name,
              (time.perf_counter() - t0) / 60, out / "results.md")
     if failures:
