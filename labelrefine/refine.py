@@ -11,6 +11,7 @@ Shapes: N samples, C classes, S stages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,9 @@ class StageHistory:
         last_pred: ``(N,)`` predicted class at the latest stage.
         prob_sum: ``(N, C)`` sum of softmax outputs over the stages.
         stages: stages recorded so far.
+        max_loss: ``(N,)`` the largest stage loss so far: a fixed threshold ``t`` would have
+            selected the sample at every stage iff ``max_loss < t`` (the ``auto`` threshold
+            chooses ``t`` after the stages; ``None`` when no losses were recorded).
     """
 
     all_selected: torch.Tensor
@@ -90,6 +94,7 @@ class StageHistory:
     last_pred: torch.Tensor
     prob_sum: torch.Tensor
     stages: int = 0
+    max_loss: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n: int, num_classes: int, device: torch.device | str = "cpu") -> StageHistory:
@@ -102,8 +107,12 @@ class StageHistory:
             prob_sum=torch.zeros(n, num_classes, dtype=torch.float32, device=device),
         )
 
-    def record(self, selected: torch.Tensor, logits: torch.Tensor) -> None:
-        """Add one stage: its selection mask ``(N,)`` and logits ``(N, C)``."""
+    def record(self, selected: torch.Tensor, logits: torch.Tensor, losses: torch.Tensor | None = None) -> None:
+        """Add one stage: its selection mask ``(N,)``, logits ``(N, C)`` and (optionally) the
+        stage losses ``(N,)`` the mask came from."""
+        if losses is not None:
+            losses = losses.float()
+            self.max_loss = losses.clone() if self.max_loss is None else torch.maximum(self.max_loss, losses)
         probs = torch.softmax(logits.float(), dim=1)
         pred = probs.argmax(dim=1)
         if self.stages == 0:
@@ -117,7 +126,7 @@ class StageHistory:
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("all_selected", "n_selected", "first_pred", "agree", "last_pred", "prob_sum", "stages")}
+                ("all_selected", "n_selected", "first_pred", "agree", "last_pred", "prob_sum", "stages", "max_loss")}
 
     @classmethod
     def from_state(cls, state: dict) -> StageHistory:
@@ -166,3 +175,73 @@ def update_labels(
     """
     base = current if keep_previous else given
     return torch.where(mask, pseudo, base)
+
+
+#: Candidate stage-loss thresholds of ``threshold_mode=auto`` (against the prediction, max p above
+#: 0.37, 0.50, 0.61, 0.74, 0.82, 0.90 and 0.95): the papers' 1.0 down to almost nothing.
+AUTO_THRESHOLDS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclass
+class GuardChoice:
+    """What :func:`guarded_threshold` chose, and the evidence (all on the noisy validation split).
+
+    Attributes:
+        threshold: the chosen stage-loss threshold; ``None`` = relabel nothing this iteration.
+        gain: validation samples the chosen relabelling makes the kNN probe predict right, minus
+            those it makes it predict wrong (``b - c`` of a paired sign test); 0 when nothing is chosen.
+        z: ``gain / sqrt(b + c)``, the paired test's statistic (0 when ``b + c = 0``).
+        per_threshold: ``{threshold: (b, c)}`` for every candidate.
+    """
+
+    threshold: float | None
+    gain: int
+    z: float
+    per_threshold: dict[float, tuple[int, int]]
+
+
+def guarded_threshold(max_loss: torch.Tensor, eligible: torch.Tensor, pseudo: torch.Tensor,
+                      base: torch.Tensor, nbr_idx: torch.Tensor, nbr_w: torch.Tensor,
+                      val_labels: torch.Tensor, num_classes: int, *,
+                      thresholds: tuple[float, ...] = AUTO_THRESHOLDS, z_min: float = 1.0) -> GuardChoice:
+    """Choose an iteration's stage-loss threshold from the noisy validation split alone.
+
+    Each candidate threshold ``t`` gives a relabelling of the training set: samples that are
+    ``eligible`` (the consensus' other conditions, e.g. the same prediction at every stage) with
+    ``max_loss < t`` take ``pseudo``, the others keep ``base`` (the labels they would have without
+    relabelling). A relabelling is scored by a kNN probe: each validation image is predicted by
+    the vote of its training-set neighbours (``nbr_idx``, ``nbr_w``: :func:`labelrefine.knn.knn_neighbours`
+    in a feature space) under that labelling, against its *noisy* validation label. Against no
+    relabelling, ``b`` validation images turn right and ``c`` turn wrong; the chosen threshold has
+    the largest ``b - c`` (ties: the smaller threshold, fewer changes) and is kept only if the
+    paired sign test's ``z = (b - c) / sqrt(b + c)`` reaches ``z_min``. Otherwise nothing is
+    relabelled: a model whose pseudo-labels do not make the neighbourhoods of held-out images more
+    consistent with their labels has not earned the right to change any.
+
+    Wrong labels among the validation split's own labels only dilute both ``b`` and ``c``: a
+    relabelling that fixes training labels agrees more often with the (mostly right) held-out
+    labels; one that damages them agrees less often.
+    """
+    def right(labels: torch.Tensor) -> torch.Tensor:
+        from .knn import neighbour_votes
+
+        return neighbour_votes(nbr_idx, nbr_w, labels, num_classes).argmax(1) == val_labels
+
+    right0 = right(base)
+    best: tuple[int, float] | None = None  # (gain, threshold)
+    per: dict[float, tuple[int, int]] = {}
+    for t in sorted(thresholds):
+        cand = torch.where(eligible & (max_loss < t), pseudo, base)
+        r = right(cand)
+        b, c = int((r & ~right0).sum()), int((~r & right0).sum())
+        per[t] = (b, c)
+        if best is None or b - c > best[0]:
+            best = (b - c, t)
+    if best is None:
+        return GuardChoice(None, 0, 0.0, per)
+    gain, t = best
+    b, c = per[t]
+    z = gain / math.sqrt(b + c) if b + c else 0.0
+    if gain <= 0 or z < z_min:
+        return GuardChoice(None, 0, z, per)
+    return GuardChoice(t, gain, z, per)

@@ -169,6 +169,9 @@ class Context:
         # Batch order comes from its own generator so that evaluation never shifts it.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._whitening: dict | None = None
+        # The noisy validation split (images on the device, noisy labels), once the Trainer hands
+        # it over; a method may read it (refine.threshold_mode=auto does), never clean labels.
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- models ----------------------------------------------------------------------------
     def new_model(self) -> nn.Module:

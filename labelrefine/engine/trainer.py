@@ -106,6 +106,8 @@ class Trainer:
         self.oracle = oracle
         self.fingerprint = data_fingerprint or {}
         self.val = None if val is None else (to_device(val.images, ctx.device), val.labels.to(ctx.device))
+        if self.val is not None:
+            ctx.val = self.val
         self.test = None if test is None else (to_device(test.images, ctx.device), test.labels.to(ctx.device))
         self.schedule: list[EpochSpec] = []
         self.state: dict = {}

@@ -13,6 +13,7 @@ of an iteration the samples selected at every stage get pseudo-labels (``labelre
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -23,7 +24,8 @@ from .. import distributed as ddp
 from ..config import Range, above, at_least, unit
 from ..engine import Context, EpochSpec, Learner
 from ..errors import UserError, short_repr
-from ..refine import StageHistory, consensus, select, stage_losses, update_labels
+from ..knn import knn_neighbours
+from ..refine import AUTO_THRESHOLDS, StageHistory, consensus, guarded_threshold, select, stage_losses, update_labels
 from . import register
 from .base import LabelReport, Method, supervised_pass
 from .schedule import iteration_length, refinement_epochs, stages_of
@@ -42,6 +44,7 @@ class RefineConfig:
         "iteration_epochs": at_least(0),
         "threshold": above(0.0),
         "quantile": unit(lo_open=True),
+        "guard_z": at_least(0.0),
     }
     warmup_epochs: int = 5  # CE warmup on the noisy labels (papers: 5)
     iterations: int = 4  # refinement iterations (papers: 4)
@@ -51,7 +54,11 @@ class RefineConfig:
     # Per-sample stage CE below this selects the sample (papers: 1.0, against the label). Against the
     # prediction, 0.3 (max p > 0.74) keeps a weak model from relabelling (docs/refine-options.md).
     threshold: float = 0.3
-    threshold_mode: Literal["fixed", "class_quantile"] = "fixed"  # class_quantile: per-class loss quantile
+    # fixed: loss < threshold; class_quantile: per-class loss quantile; auto: each iteration picks
+    # its threshold from refine.AUTO_THRESHOLDS, or relabels nothing, by a kNN probe of the noisy
+    # validation split (labelrefine.refine.guarded_threshold; docs/refine-options.md).
+    threshold_mode: Literal["fixed", "class_quantile", "auto"] = "fixed"
+    guard_z: float = 1.0  # auto: the paired sign test's z a relabelling needs on the noisy val split
     quantile: float = 0.5  # class_quantile: fraction of each (current) class selected at a stage
     # Stage CE against the model's argmax (corrects labels) or the current label (only selects);
     # the default is measured in docs/refine-options.md.
@@ -120,7 +127,11 @@ class Ours(Method):
         self.copies = torch.zeros(ctx.n, dtype=torch.bool, device=ctx.device)  # get an augmented copy
         self.history: StageHistory | None = None
         self.n_stages = torch.zeros(ctx.n, dtype=torch.int64, device=ctx.device)  # over all iterations
-        self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl)
+        self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl); the auto probe's encoder
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None  # auto: val neighbours (idx, w) in SSL space
+        if r.threshold_mode == "auto" and self.cfg.data.val_fraction <= 0:
+            raise UserError("config key 'refine.threshold_mode': auto chooses each iteration's threshold on the "
+                            "noisy validation split; set data.val_fraction > 0")
         self._view: dict[str, torch.Tensor] = {}  # what the last epoch selected, for the oracle
         self._recorded: torch.Tensor | None = None  # the training pass's logits at a stage (stage_loss=train)
         # Wall seconds spent in stage evaluation and consensus (a diagnostic for `bench speed`;
@@ -204,9 +215,12 @@ class Ours(Method):
                 torch.cuda.synchronize(logits.device)  # so the split below times the work, not its launch
             self.refine_eval_seconds += time.perf_counter() - t0
         losses = stage_losses(logits, self.labels, target=r.loss_target)
-        selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
-                          num_classes=ctx.num_classes, quantile=r.quantile)
-        self.history.record(selected, logits)
+        if r.threshold_mode == "auto":  # the threshold is chosen at the consensus; log the loosest candidate's
+            selected = losses < max(AUTO_THRESHOLDS)
+        else:
+            selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
+                              num_classes=ctx.num_classes, quantile=r.quantile)
+        self.history.record(selected, logits, losses)
         self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
         self.refine_overhead_seconds += time.perf_counter() - t0
         return {"stage_selected": int(selected.sum()), "stage_mean_loss": float(losses.mean())}
@@ -216,9 +230,12 @@ class Ours(Method):
         r = self.cfg.refine
         t0 = time.perf_counter()
         mask, pseudo = consensus(self.history, require_agreement=r.require_agreement, label_source=r.label_source)
+        guard_logs: dict[str, float] = {}
+        if r.threshold_mode == "auto":
+            mask, guard_logs = self._guard(pseudo)
         new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
         logs = {"pseudo_labelled": int(mask.sum()), "labels_changed": int((new != self.labels).sum()),
-                "labels_differ_from_given": int((new != self.given).sum())}
+                "labels_differ_from_given": int((new != self.given).sum()), **guard_logs}
         self.labels = new
         # A copy for every sample that carries a pseudo-label: with keep_previous an earlier
         # iteration's pseudo-label survives, so its copy does too (copies=pseudo_labelled).
@@ -229,6 +246,42 @@ class Ours(Method):
         self.history = None
         self.refine_overhead_seconds += time.perf_counter() - t0
         return logs
+
+    def _guard(self, pseudo: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``threshold_mode=auto``: the consensus mask under the threshold the noisy validation
+        split chooses (:func:`~labelrefine.refine.guarded_threshold`), and its logs."""
+        r, h = self.cfg.refine, self.history
+        val = self.ctx.val
+        if val is None:  # the Trainer hands the split over; a bare Context (bench speed) has none
+            raise UserError("config key 'refine.threshold_mode': auto needs the noisy validation split")
+        eligible = h.agree.clone() if r.require_agreement else torch.ones_like(h.agree)
+        base = self.labels if r.keep_previous else self.given
+        idx, w = self._probe_neighbours()
+        choice = guarded_threshold(h.max_loss, eligible, pseudo, base, idx, w, val[1], self.ctx.num_classes,
+                                   z_min=r.guard_z)
+        mask = eligible & (h.max_loss < choice.threshold) if choice.threshold is not None \
+            else torch.zeros_like(eligible)
+        b, c = choice.per_threshold.get(choice.threshold, (0, 0)) if choice.threshold is not None else (0, 0)
+        return mask, {"auto_threshold": -1.0 if choice.threshold is None else choice.threshold,
+                      "auto_val_gain": float(choice.gain), "auto_val_z": choice.z, "auto_val_b": b, "auto_val_c": c}
+
+    def _probe_neighbours(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each noisy-validation image's training-set neighbours for the auto threshold's kNN probe:
+        in the SimCLR encoder's feature space when there is one (label-free, so the probe does not
+        inherit what the model memorised; computed once), else the current model's."""
+        if self._probe is not None:
+            return self._probe
+        ctx = self.ctx
+        model = self.sup.model
+        if self.init_state is not None:
+            model = copy.deepcopy(self.sup.model)  # no new_model(): that would draw from the run's RNG
+            model.load_state_dict(self.init_state)
+        bank = ctx.features_all(model)
+        query = ctx.features_all(model, ctx.val[0])
+        probe = knn_neighbours(bank, query)
+        if self.init_state is not None:
+            self._probe = probe
+        return probe
 
     def _reinit(self, iteration: int) -> None:
         """Fresh weights (random, or the SimCLR encoder) and a fresh optimizer for this iteration."""
@@ -245,8 +298,10 @@ class Ours(Method):
                        lr_scale=self.cfg.finetune.lr_scale, warmup=0.0)
 
     def on_supervised_start(self) -> None:
-        """Remember the initial (SimCLR) weights for ``reinit=ssl``."""
-        if self.cfg.refine.reinit == "ssl" and self.init_state is None:
+        """Remember the initial (SimCLR) weights for ``reinit=ssl`` and the auto threshold's probe."""
+        r = self.cfg.refine
+        wanted = r.reinit == "ssl" or (r.threshold_mode == "auto" and self.ssl is not None)
+        if wanted and self.init_state is None:
             self.init_state = {k: v.detach().clone() for k, v in self.sup.model.state_dict().items()}
 
     # -- outputs -------------------------------------------------------------------------------
