@@ -60,7 +60,14 @@ COST_VARIANTS = {
     "no augmented copies": ["refine.augment_copies=false"],
     CE_SSL: ["method=ce_ssl"],
 }
-GROUPS = {"options": VARIANTS, "cost": COST_VARIANTS}
+# Issue 15: a threshold that relabels only as far as the warmed-up model has earned it.
+THRESHOLD_VARIANTS = {
+    "fixed 0.3 (max p > 0.74)": ["refine.threshold_mode=fixed", "refine.threshold=0.3"],
+    "fixed 1.0 (max p > 0.37)": ["refine.threshold_mode=fixed", "refine.threshold=1.0"],
+    "auto (noisy-val kNN probe)": ["refine.threshold_mode=auto"],
+    CE_SSL: ["method=ce_ssl"],
+}
+GROUPS = {"options": VARIANTS, "cost": COST_VARIANTS, "threshold": THRESHOLD_VARIANTS}
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -114,7 +121,7 @@ def main() -> int:
     rows = []
     for name, overrides in GROUPS[args.group].items():
         res: dict[str, list] = {"label_after": [], "pseudo_prec": [], "final": [], "best": [], "before": [],
-                                "changed": [], "val": []}
+                                "changed": [], "val": [], "auto": []}
         for seed in range(args.seeds):
             d = out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") / f"seed{seed}"
             if not (d / "summary.json").exists():
@@ -128,10 +135,13 @@ def main() -> int:
             res["final"].append(s["final_test_acc"])
             res["best"].append(s["best_val_test_acc"])
             res["val"].append(s["final_val_acc"])
+            chosen = [r["auto_threshold"] for r in recs if "auto_threshold" in r]
+            res["auto"].append("/".join("none" if t < 0 else f"{t:g}" for t in chosen) if chosen else None)
             last = [r for r in recs if "labels_differ_from_given" in r]
             res["changed"].append(last[-1]["labels_differ_from_given"] / s["n_train"] if last else None)
         rows.append((name, res))
-        print(name, {k: _mean_std(v) for k, v in res.items()}, file=sys.stderr)
+        print(name, {k: _mean_std(v) for k, v in res.items() if k != "auto"}, file=sys.stderr)
+    auto = any(a for _, r in rows for a in r["auto"])
     source = f"config `{args.config}`" if args.config else f"suite `{args.suite}`, setting `{args.setting}`, ours"
     lines = [
         f"{source} {' '.join('--set ' + s for s in args.set)}, seeds 0..{args.seeds - 1} "
@@ -139,14 +149,15 @@ def main() -> int:
         "",
         "| variant | training-label acc before | after | pseudo-label precision (mean over iterations) "
         "| labels changed | final noisy val | final test acc | test − CE+SSL (paired, 95%) "
-        "| test acc at best noisy-val epoch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| test acc at best noisy-val epoch |" + (" auto thresholds by iteration, per seed |" if auto else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if auto else ""),
     ]
     base = dict(rows).get(CE_SSL)
     for name, r in rows:
         lines.append(f"| {name} | {_mean_std(r['before'])} | {_mean_std(r['label_after'])} | "
                      f"{_mean_std(r['pseudo_prec'])} | {_mean_std(r['changed'])} | {_mean_std(r['val'])} | "
-                     f"{_mean_std(r['final'])} | {_paired(r['final'], base)} | {_mean_std(r['best'])} |")
+                     f"{_mean_std(r['final'])} | {_paired(r['final'], base)} | {_mean_std(r['best'])} |"
+                     + (f" {', '.join(a for a in r['auto'] if a) or '-'} |" if auto else ""))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
