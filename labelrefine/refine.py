@@ -188,16 +188,29 @@ class GuardChoice:
 
     Attributes:
         threshold: the chosen stage-loss threshold; ``None`` = relabel nothing this iteration.
-        gain: validation samples the chosen relabelling makes the kNN probe predict right, minus
-            those it makes it predict wrong (``b - c`` of a paired sign test); 0 when nothing is chosen.
-        z: ``gain / sqrt(b + c)``, the paired test's statistic (0 when ``b + c = 0``).
-        per_threshold: ``{threshold: (b, c)}`` for every candidate.
+        gain: the chosen relabelling's mean change, over the validation images, of the kNN vote
+            mass on their noisy label (against no relabelling); 0 when nothing is chosen.
+        z: the paired t statistic of the best candidate's change (``mean / (sd / sqrt(M))``).
+        per_threshold: ``{threshold: (mean change, z)}`` for every candidate.
+        best: the candidate with the largest mean change (whether or not it passed the test).
     """
 
     threshold: float | None
-    gain: int
+    gain: float
     z: float
-    per_threshold: dict[float, tuple[int, int]]
+    per_threshold: dict[float, tuple[float, float]]
+    best: float | None = None
+
+
+def _paired_z(delta: torch.Tensor) -> tuple[float, float]:
+    """Mean of paired differences and its t statistic (``inf`` when they are all equal and positive)."""
+    mean = float(delta.mean())
+    if delta.numel() < 2:
+        return mean, 0.0
+    sd = float(delta.std())
+    if sd == 0.0:
+        return mean, math.inf if mean > 0 else 0.0
+    return mean, mean / (sd / math.sqrt(delta.numel()))
 
 
 def guarded_threshold(max_loss: torch.Tensor, eligible: torch.Tensor, pseudo: torch.Tensor,
@@ -209,39 +222,39 @@ def guarded_threshold(max_loss: torch.Tensor, eligible: torch.Tensor, pseudo: to
     Each candidate threshold ``t`` gives a relabelling of the training set: samples that are
     ``eligible`` (the consensus' other conditions, e.g. the same prediction at every stage) with
     ``max_loss < t`` take ``pseudo``, the others keep ``base`` (the labels they would have without
-    relabelling). A relabelling is scored by a kNN probe: each validation image is predicted by
-    the vote of its training-set neighbours (``nbr_idx``, ``nbr_w``: :func:`labelrefine.knn.knn_neighbours`
-    in a feature space) under that labelling, against its *noisy* validation label. Against no
-    relabelling, ``b`` validation images turn right and ``c`` turn wrong; the chosen threshold has
-    the largest ``b - c`` (ties: the smaller threshold, fewer changes) and is kept only if the
-    paired sign test's ``z = (b - c) / sqrt(b + c)`` reaches ``z_min``. Otherwise nothing is
-    relabelled: a model whose pseudo-labels do not make the neighbourhoods of held-out images more
-    consistent with their labels has not earned the right to change any.
+    relabelling). A relabelling is scored by a kNN probe: each validation image's training-set
+    neighbours (``nbr_idx``, ``nbr_w``: :func:`labelrefine.knn.knn_neighbours` in a feature space)
+    vote with their labels under that relabelling, and the probe reads the vote mass on the
+    image's *noisy* validation label. The change of that mass against no relabelling, paired over
+    the validation images, is the evidence: the chosen threshold has the largest mean change
+    (ties: the smaller threshold, fewer changes) and is kept only if the mean is positive and its
+    paired t statistic reaches ``z_min``. Otherwise nothing is relabelled: a model whose
+    pseudo-labels do not make the neighbourhoods of held-out images more consistent with their
+    labels has not earned the right to change any.
 
-    Wrong labels among the validation split's own labels only dilute both ``b`` and ``c``: a
-    relabelling that fixes training labels agrees more often with the (mostly right) held-out
-    labels; one that damages them agrees less often.
+    Why held-out noisy labels can judge: a relabelling that fixes training labels moves vote mass
+    to the right classes, which most validation labels are (the noise rate is below one half);
+    one that damages labels moves it away. A vote *mass* rather than the vote's argmax: a majority
+    of neighbours is robust to a few relabelled ones, so the argmax seldom changes and the test
+    would have almost no power.
     """
-    def right(labels: torch.Tensor) -> torch.Tensor:
-        from .knn import neighbour_votes
+    from .knn import neighbour_votes
 
-        return neighbour_votes(nbr_idx, nbr_w, labels, num_classes).argmax(1) == val_labels
+    def mass(labels: torch.Tensor) -> torch.Tensor:
+        votes = neighbour_votes(nbr_idx, nbr_w, labels, num_classes)
+        return votes.gather(1, val_labels.to(votes.device)[:, None]).squeeze(1)
 
-    right0 = right(base)
-    best: tuple[int, float] | None = None  # (gain, threshold)
-    per: dict[float, tuple[int, int]] = {}
+    mass0 = mass(base)
+    per: dict[float, tuple[float, float]] = {}
+    best: float | None = None
     for t in sorted(thresholds):
         cand = torch.where(eligible & (max_loss < t), pseudo, base)
-        r = right(cand)
-        b, c = int((r & ~right0).sum()), int((~r & right0).sum())
-        per[t] = (b, c)
-        if best is None or b - c > best[0]:
-            best = (b - c, t)
+        per[t] = _paired_z(mass(cand) - mass0)
+        if best is None or per[t][0] > per[best][0]:
+            best = t
     if best is None:
-        return GuardChoice(None, 0, 0.0, per)
-    gain, t = best
-    b, c = per[t]
-    z = gain / math.sqrt(b + c) if b + c else 0.0
+        return GuardChoice(None, 0.0, 0.0, per)
+    gain, z = per[best]
     if gain <= 0 or z < z_min:
-        return GuardChoice(None, 0, z, per)
-    return GuardChoice(t, gain, z, per)
+        return GuardChoice(None, 0.0, z, per, best=best)
+    return GuardChoice(best, gain, z, per, best=best)

@@ -25,20 +25,36 @@ def test_the_threshold_with_the_largest_paired_gain_wins_by_hand():
     base = torch.tensor([0, 0, 1, 1])
     pseudo = torch.tensor([1, 1, 1, 0])
     max_loss = torch.tensor([0.05, 0.4, 0.01, 0.8])
-    val = torch.tensor([1, 0, 1, 1])  # base predicts val 0 wrong, 1-3 right
+    val = torch.tensor([1, 0, 1, 1])  # with one neighbour each, base gives val 0 vote mass 0, 1-3 mass 1
     idx, w = _one_neighbour(4)
     eligible = torch.ones(4, dtype=torch.bool)
     choice = guarded_threshold(max_loss, eligible, pseudo, base, idx, w, val, 2)
-    # t = 0.05: sample 2 only (pseudo = its label): nothing changes. t in 0.1..0.3: sample 0 is
-    # fixed (b = 1). t = 0.5, 0.7: sample 1 is damaged too (c = 1). t = 1.0: and sample 3 (c = 2).
-    assert choice.per_threshold == {0.05: (0, 0), 0.1: (1, 0), 0.2: (1, 0), 0.3: (1, 0), 0.5: (1, 1),
-                                    0.7: (1, 1), 1.0: (1, 2)}
-    assert choice.threshold == 0.1 and choice.gain == 1 and choice.z == pytest.approx(1.0)  # ties: smaller t
-    # the paired test's z = 1 / sqrt(1) is below a stricter z_min: nothing is relabelled
-    assert guarded_threshold(max_loss, eligible, pseudo, base, idx, w, val, 2, z_min=1.5).threshold is None
+    # t = 0.05: sample 2 only (pseudo = its label): no change. t in 0.1..0.3: sample 0 is fixed,
+    # changes [1, 0, 0, 0]: mean 1/4, sd 1/2, t statistic 0.25 / (0.5 / 2) = 1. t = 0.5, 0.7: sample 1
+    # is damaged too, [1, -1, 0, 0]: mean 0. t = 1.0: and sample 3, [1, -1, 0, -1]: mean -1/4.
+    means = {t: m for t, (m, _) in choice.per_threshold.items()}
+    assert means == pytest.approx({0.05: 0.0, 0.1: 0.25, 0.2: 0.25, 0.3: 0.25, 0.5: 0.0, 0.7: 0.0, 1.0: -0.25})
+    assert choice.per_threshold[0.1][1] == pytest.approx(1.0)
+    assert choice.per_threshold[1.0][1] == pytest.approx(-0.25 / (math.sqrt(11 / 12) / 2))
+    assert choice.threshold == 0.1 == choice.best and choice.gain == pytest.approx(0.25)  # ties: smaller t
+    # the paired t of 1 is below a stricter z_min: nothing is relabelled, the best candidate is still named
+    strict = guarded_threshold(max_loss, eligible, pseudo, base, idx, w, val, 2, z_min=1.5)
+    assert strict.threshold is None and strict.best == 0.1 and strict.gain == 0.0
     # a sample that is not eligible (e.g. its prediction changed between stages) never moves
     eligible[0] = False
     assert guarded_threshold(max_loss, eligible, pseudo, base, idx, w, val, 2).threshold is None
+
+
+def test_the_probe_reads_vote_mass_so_a_minority_relabel_counts():
+    """Ten neighbours of which one is relabelled: the vote's argmax cannot move, its mass does."""
+    base = torch.zeros(10, dtype=torch.long)
+    base[0] = 1  # one wrong label among the neighbours of every validation image
+    pseudo = torch.zeros(10, dtype=torch.long)
+    idx, w = torch.arange(10).expand(5, 10), torch.ones(5, 10)
+    val = torch.zeros(5, dtype=torch.long)
+    choice = guarded_threshold(torch.full((10,), 0.01), torch.ones(10, dtype=torch.bool), pseudo, base, idx, w,
+                               val, 2)
+    assert choice.threshold == 0.05 and choice.gain == pytest.approx(0.1) and choice.z == math.inf
 
 
 def test_a_relabelling_that_only_damages_is_refused():
@@ -51,7 +67,7 @@ def test_a_relabelling_that_only_damages_is_refused():
     idx, w = _one_neighbour(n)
     choice = guarded_threshold(max_loss, torch.ones(n, dtype=torch.bool), pseudo, base, idx, w, truth, c)
     assert choice.threshold is None and choice.gain == 0
-    assert all(b == 0 and cc > 0 for t, (b, cc) in choice.per_threshold.items() if t > max_loss.min())
+    assert all(m < 0 for t, (m, _) in choice.per_threshold.items() if t > max_loss.min())
 
 
 def test_a_relabelling_that_fixes_labels_is_taken_with_its_z():
@@ -64,9 +80,9 @@ def test_a_relabelling_that_fixes_labels_is_taken_with_its_z():
     idx, w = _one_neighbour(n)
     choice = guarded_threshold(max_loss, torch.ones(n, dtype=torch.bool), pseudo, base, idx, w, truth, c)
     assert choice.threshold == max(AUTO_THRESHOLDS)  # every threshold helps; the loosest most
-    b, cc = choice.per_threshold[choice.threshold]
-    assert cc == 0 and b == int(((base != truth) & (max_loss < 1.0)).sum())
-    assert choice.z == pytest.approx(b / math.sqrt(b))
+    fixed = ((base != truth) & (max_loss < 1.0)).float()
+    assert choice.gain == pytest.approx(float(fixed.mean()))
+    assert choice.z == pytest.approx(float(fixed.mean() / (fixed.std() / math.sqrt(n))))
 
 
 def test_neighbour_votes_equal_knn_votes():
@@ -101,7 +117,7 @@ def test_auto_end_to_end_logs_its_choice_and_relabels_only_what_it_chose(tmp_pat
         if r["auto_threshold"] == -1.0:
             assert r["pseudo_labelled"] == 0 and r["labels_changed"] == 0
         else:
-            assert r["auto_val_gain"] == r["auto_val_b"] - r["auto_val_c"] > 0 and r["auto_val_z"] >= 1.0
+            assert r["auto_val_gain"] > 0 and r["auto_val_z"] >= 1.0 and r["auto_best"] == r["auto_threshold"]
 
 
 def test_auto_without_a_validation_split_is_a_config_error(tmp_path, monkeypatch):

@@ -31,6 +31,11 @@ from .base import LabelReport, Method, supervised_pass
 from .schedule import iteration_length, refinement_epochs, stages_of
 from .simclr import SSLInit
 
+#: Neighbours of a validation image in the auto threshold's kNN probe. Small, so that the probe is
+#: local: a relabelled training sample changes the vote of the validation images next to it
+#: (SimiFeat's k-NN label clusterability uses k = 10, Zhu et al. ICML 2022). Not tuned.
+PROBE_K = 10
+
 
 @dataclass
 class RefineConfig:
@@ -261,9 +266,12 @@ class Ours(Method):
                                    z_min=r.guard_z)
         mask = eligible & (h.max_loss < choice.threshold) if choice.threshold is not None \
             else torch.zeros_like(eligible)
-        b, c = choice.per_threshold.get(choice.threshold, (0, 0)) if choice.threshold is not None else (0, 0)
+        # The best candidate's evidence, kept or not: the mean change of the vote mass on the noisy
+        # validation labels (x100: points of vote mass) and its paired t statistic.
+        best_gain, best_z = choice.per_threshold.get(choice.best, (0.0, 0.0))
         return mask, {"auto_threshold": -1.0 if choice.threshold is None else choice.threshold,
-                      "auto_val_gain": float(choice.gain), "auto_val_z": choice.z, "auto_val_b": b, "auto_val_c": c}
+                      "auto_best": -1.0 if choice.best is None else choice.best,
+                      "auto_val_gain": 100 * best_gain, "auto_val_z": min(best_z, 1e6)}
 
     def _probe_neighbours(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each noisy-validation image's training-set neighbours for the auto threshold's kNN probe:
@@ -278,7 +286,7 @@ class Ours(Method):
             model.load_state_dict(self.init_state)
         bank = ctx.features_all(model)
         query = ctx.features_all(model, ctx.val[0])
-        probe = knn_neighbours(bank, query)
+        probe = knn_neighbours(bank, query, k=PROBE_K)
         if self.init_state is not None:
             self._probe = probe
         return probe
