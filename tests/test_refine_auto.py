@@ -10,7 +10,6 @@ import torch
 from conftest import TINY
 
 from labelrefine.config import load_config
-from labelrefine.errors import UserError
 from labelrefine.knn import knn_neighbours, knn_votes, neighbour_votes
 from labelrefine.pipeline import run
 from labelrefine.refine import AUTO_THRESHOLDS, StageHistory, guarded_threshold
@@ -120,8 +119,13 @@ def test_auto_end_to_end_logs_its_choice_and_relabels_only_what_it_chose(tmp_pat
             assert r["auto_val_gain"] > 0 and r["auto_val_z"] >= 1.0 and r["auto_best"] == r["auto_threshold"]
 
 
-def test_auto_without_a_validation_split_is_a_config_error(tmp_path, monkeypatch):
+def test_auto_without_a_validation_split_falls_back_to_the_fixed_threshold(tmp_path, monkeypatch, caplog):
+    import json
+
     monkeypatch.setenv("LABELREFINE_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, [*TINY, "method=ours", "refine.threshold_mode=auto", "data.val_fraction=0"])
-    with pytest.raises(UserError, match="refine.threshold_mode.*data.val_fraction > 0"):
+    with caplog.at_level("WARNING", logger="labelrefine"):
         run(cfg, tmp_path / "run")
+    assert "using the fixed refine.threshold=0.3 instead" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("auto_threshold" in r for r in records) and any("pseudo_labelled" in r for r in records)

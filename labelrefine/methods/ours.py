@@ -14,6 +14,7 @@ of an iteration the samples selected at every stage get pseudo-labels (``labelre
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -30,6 +31,8 @@ from . import register
 from .base import LabelReport, Method, supervised_pass
 from .schedule import iteration_length, refinement_epochs, stages_of
 from .simclr import SSLInit
+
+log = logging.getLogger("labelrefine")
 
 #: Neighbours of a validation image in the auto threshold's kNN probe. Small, so that the probe is
 #: local: a relabelled training sample changes the vote of the validation images next to it
@@ -134,9 +137,13 @@ class Ours(Method):
         self.n_stages = torch.zeros(ctx.n, dtype=torch.int64, device=ctx.device)  # over all iterations
         self.init_state: dict | None = None  # weights to re-initialise from (reinit=ssl); the auto probe's encoder
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None  # auto: val neighbours (idx, w) in SSL space
-        if r.threshold_mode == "auto" and self.cfg.data.val_fraction <= 0:
-            raise UserError("config key 'refine.threshold_mode': auto chooses each iteration's threshold on the "
-                            "noisy validation split; set data.val_fraction > 0")
+        # auto chooses each iteration's threshold on the noisy validation split; without one it
+        # falls back to the fixed refine.threshold (said once, in the log).
+        self.mode = r.threshold_mode
+        if self.mode == "auto" and self.cfg.data.val_fraction <= 0:
+            log.warning("refine.threshold_mode=auto needs a noisy validation split (data.val_fraction > 0); "
+                        "using the fixed refine.threshold=%g instead", r.threshold)
+            self.mode = "fixed"
         self._view: dict[str, torch.Tensor] = {}  # what the last epoch selected, for the oracle
         self._recorded: torch.Tensor | None = None  # the training pass's logits at a stage (stage_loss=train)
         # Wall seconds spent in stage evaluation and consensus (a diagnostic for `bench speed`;
@@ -220,10 +227,10 @@ class Ours(Method):
                 torch.cuda.synchronize(logits.device)  # so the split below times the work, not its launch
             self.refine_eval_seconds += time.perf_counter() - t0
         losses = stage_losses(logits, self.labels, target=r.loss_target)
-        if r.threshold_mode == "auto":  # the threshold is chosen at the consensus; log the loosest candidate's
+        if self.mode == "auto":  # the threshold is chosen at the consensus; log the loosest candidate's
             selected = losses < max(AUTO_THRESHOLDS)
         else:
-            selected = select(losses, threshold=r.threshold, mode=r.threshold_mode, classes=self.labels,
+            selected = select(losses, threshold=r.threshold, mode=self.mode, classes=self.labels,
                               num_classes=ctx.num_classes, quantile=r.quantile)
         self.history.record(selected, logits, losses)
         self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
@@ -236,7 +243,7 @@ class Ours(Method):
         t0 = time.perf_counter()
         mask, pseudo = consensus(self.history, require_agreement=r.require_agreement, label_source=r.label_source)
         guard_logs: dict[str, float] = {}
-        if r.threshold_mode == "auto":
+        if self.mode == "auto":
             mask, guard_logs = self._guard(pseudo)
         new = update_labels(self.labels, self.given, mask, pseudo, keep_previous=r.keep_previous)
         logs = {"pseudo_labelled": int(mask.sum()), "labels_changed": int((new != self.labels).sum()),
@@ -308,7 +315,7 @@ class Ours(Method):
     def on_supervised_start(self) -> None:
         """Remember the initial (SimCLR) weights for ``reinit=ssl`` and the auto threshold's probe."""
         r = self.cfg.refine
-        wanted = r.reinit == "ssl" or (r.threshold_mode == "auto" and self.ssl is not None)
+        wanted = r.reinit == "ssl" or (self.mode == "auto" and self.ssl is not None)
         if wanted and self.init_state is None:
             self.init_state = {k: v.detach().clone() for k, v in self.sup.model.state_dict().items()}
 
