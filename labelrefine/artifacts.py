@@ -24,8 +24,12 @@ from .store import save as store_save
 
 log = logging.getLogger("labelrefine")
 
-#: The columns of ``labels.csv`` and of :meth:`RunResult.label_table`.
-LABEL_COLUMNS = ["id", "given_label", "refined_label", "label_quality", "is_label_issue", "n_stages_selected"]
+#: The columns every ``labels.csv`` and :meth:`RunResult.label_table` has: cleanlab's
+#: (``CleanLearning.find_label_issues``: ``is_label_issue``, ``label_quality``, ``given_label``,
+#: ``predicted_label``) and ours. After them come the run's detector scores
+#: (:data:`labelrefine.detect.DETECTORS`, those it has), so a user sees why a sample was flagged.
+LABEL_COLUMNS = ["id", "given_label", "predicted_label", "refined_label", "label_quality", "is_label_issue",
+                 "n_stages_selected"]
 
 
 @dataclass
@@ -48,6 +52,17 @@ class RunResult:
     predictor: Predictor | None
     out: Path
 
+    def score_columns(self) -> list[str]:
+        """The detector score columns this run's table has, in :data:`~labelrefine.detect.DETECTORS` order."""
+        from .detect import DETECTORS
+
+        return [name for name in DETECTORS if name in self.labels.scores]
+
+    def predicted(self) -> torch.Tensor:
+        """The final model's predicted class per sample (the refined label if the method gives none)."""
+        rep = self.labels
+        return rep.refined_label if rep.predicted_label is None else rep.predicted_label
+
     def order(self) -> list[int]:
         """Sample positions, suspected errors first (ascending quality; ties keep sample order)."""
         return torch.argsort(self.labels.label_quality, stable=True).tolist()
@@ -57,23 +72,29 @@ class RunResult:
         import pandas as pd
 
         rep, order = self.labels, self.order()
-        names = self.classes
+        names, pred = self.classes, self.predicted()
+        extra = self.score_columns()
         return pd.DataFrame({
             "id": [self.ids[i] for i in order],
             "given_label": [names[int(self.given[i])] for i in order],
+            "predicted_label": [names[int(pred[i])] for i in order],
             "refined_label": [names[int(rep.refined_label[i])] for i in order],
             "label_quality": rep.label_quality[order].double().numpy(),
             "is_label_issue": rep.is_label_issue[order].bool().numpy(),
             "n_stages_selected": rep.n_stages_selected[order].long().numpy(),
-        }, columns=LABEL_COLUMNS)
+            **{name: rep.scores[name][order].double().numpy() for name in extra},
+        }, columns=LABEL_COLUMNS + extra)
 
 
 def write_labels(path: Path, result: RunResult) -> None:
-    rep, names = result.labels, result.classes
-    rows = [[result.ids[i], names[int(result.given[i])], names[int(rep.refined_label[i])],
-             f"{float(rep.label_quality[i]):.6f}", bool(rep.is_label_issue[i]), int(rep.n_stages_selected[i])]
+    rep, names, pred = result.labels, result.classes, result.predicted()
+    extra = result.score_columns()
+    scores = [rep.scores[name].double() for name in extra]
+    rows = [[result.ids[i], names[int(result.given[i])], names[int(pred[i])], names[int(rep.refined_label[i])],
+             f"{float(rep.label_quality[i]):.6f}", bool(rep.is_label_issue[i]), int(rep.n_stages_selected[i]),
+             *(f"{float(s[i]):.6f}" for s in scores)]
             for i in result.order()]
-    write_csv(path, LABEL_COLUMNS, rows)
+    write_csv(path, LABEL_COLUMNS + extra, rows)
 
 
 def model_blob(cfg: RunConfig, ctx: Context, method, state: dict, classes: list[str], version: str) -> dict:
@@ -115,6 +136,9 @@ def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: L
         "best_val_epoch": None if best is None else best["epoch"],
         "best_val_test_acc": None if best is None else best["test_acc"],
         "n_label_issues": int(rep.is_label_issue.sum()),
+        **({} if rep.estimated_issues is None else {
+            "estimated_label_issues": rep.estimated_issues,
+            "estimated_noise_rate": rep.estimated_issues / max(len(rep.label_quality), 1)}),
         **({} if state.get("ssl_knn_test_acc") is None else {"ssl_knn_test_acc": state["ssl_knn_test_acc"]}),
         "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
                     "total_training": round(state["elapsed"], 3)},

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from labelrefine.config import config_from_dict
+from labelrefine.detect import DETECTORS
 from labelrefine.errors import UserError
 from labelrefine.methods import METHODS, list_methods
 from labelrefine.pipeline import run
@@ -17,7 +18,8 @@ from labelrefine.store import load as store_load
 
 list_methods()  # import every method module so METHODS is complete at collection time
 
-LABEL_COLUMNS = ["id", "given_label", "refined_label", "label_quality", "is_label_issue", "n_stages_selected"]
+LABEL_COLUMNS = ["id", "given_label", "predicted_label", "refined_label", "label_quality", "is_label_issue",
+                 "n_stages_selected"]
 
 
 def _check_artifacts(out, cfg, n_train: int) -> dict:
@@ -32,7 +34,9 @@ def _check_artifacts(out, cfg, n_train: int) -> dict:
     sup = [r for r in records if r["phase"] != "ssl"]
     assert all({"val_acc", "test_acc", "oracle_label_acc", "lr"} <= set(r) for r in sup)
     rows = list(csv.DictReader((out / "labels.csv").open()))
-    assert list(rows[0]) == LABEL_COLUMNS
+    cols = list(rows[0])
+    assert cols[:len(LABEL_COLUMNS)] == LABEL_COLUMNS
+    assert set(cols[len(LABEL_COLUMNS):]) <= set(DETECTORS)  # the detector scores the method has
     assert len(rows) == n_train
     quality = [float(r["label_quality"]) for r in rows]
     assert all(0.0 <= q <= 1.0 for q in quality)

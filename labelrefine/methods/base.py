@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..detect import Dynamics
 from ..engine import Context, EpochSpec, Learner, Pass, Step, merge_parts
 from ..losses import softmax_weighted_ce
 from .simclr import SSLInit
@@ -24,18 +25,32 @@ class LabelReport:
         label_quality: float in [0, 1]; low = likely wrong (the ranking of suspected errors).
         is_label_issue: bool, the flagged set.
         n_stages_selected: int64, how often the sample was selected as clean (0 for methods without stages).
+        predicted_label: int64, the final model's argmax (``None``: the method does not say).
+        scores: every detector's quality score the run has (:mod:`labelrefine.detect`), ``(N,)`` each.
+        estimated_issues: the detector's estimate of the number of wrong given labels, if it makes one.
     """
 
     refined_label: torch.Tensor
     label_quality: torch.Tensor
     is_label_issue: torch.Tensor
     n_stages_selected: torch.Tensor
+    predicted_label: torch.Tensor | None = None
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    estimated_issues: int | None = None
 
     def cpu(self) -> LabelReport:
-        return LabelReport(**{f.name: getattr(self, f.name).cpu() for f in fields(self)})
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.cpu()
+            return {k: t.cpu() for k, t in v.items()} if isinstance(v, dict) else v
+
+        return LabelReport(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every per-sample tensor the report holds; scores as ``score_<detector>``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {**out, **{f"score_{k}": v for k, v in self.scores.items()}}
 
 
 class Method:
@@ -127,7 +142,8 @@ class Method:
         probs = torch.softmax(self.predict_logits(), dim=1)
         pred = probs.argmax(1)
         quality = probs.gather(1, self.given[:, None]).squeeze(1)
-        return LabelReport(pred, quality, pred != self.given, torch.zeros_like(self.given))
+        return LabelReport(pred, quality, pred != self.given, torch.zeros_like(self.given), predicted_label=pred,
+                           scores={"self_confidence": quality})
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -139,7 +155,8 @@ class Method:
 
 def supervised_pass(ctx: Context, learner: Learner, indices: torch.Tensor, targets: torch.Tensor, *,
                     strong: torch.Tensor | None = None, loss: str = "ce", weight: str = "max_prob",
-                    record: torch.Tensor | None = None, desc: str = "train") -> Pass:
+                    record: torch.Tensor | None = None, dynamics: Dynamics | None = None,
+                    desc: str = "train") -> Pass:
     """One pass of ``learner``'s network over ``indices`` (duplicates allowed) with per-row ``targets``.
 
     Args:
@@ -150,6 +167,8 @@ def supervised_pass(ctx: Context, learner: Learner, indices: torch.Tensor, targe
         weight: the weighted-CE weight, ``max_prob`` or ``target_prob``.
         record: ``(M, C)`` float buffer that receives each row's logits as seen during training
             (data parallel: this rank's rows only; the rest keep what they held).
+        dynamics: accumulates the training logits' p(given) and margin of every row that is not a
+            strongly augmented copy (the AUM detector, :class:`labelrefine.detect.Dynamics`).
     """
     m = len(indices)
     bs = ctx.cfg.optim.batch_size
@@ -171,6 +190,10 @@ def supervised_pass(ctx: Context, learner: Learner, indices: torch.Tensor, targe
             value = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing).mean()
         if record is not None:
             record[batch_rows] = logits.detach()
+        if dynamics is not None:
+            rows = batch_rows if strong is None else batch_rows[~strong[batch_rows]]
+            logit_rows = logits.detach() if strong is None else logits.detach()[~strong[batch_rows]]
+            dynamics.update(indices[rows], logit_rows)
         return Step([value], {"loss": value.detach()}, len(batch_rows))
 
     return Pass(batches, [learner], step, desc=desc)

@@ -23,6 +23,17 @@ import torch
 
 from .. import distributed as ddp
 from ..config import Range, above, at_least, unit
+from ..detect import (
+    DetectConfig,
+    Dynamics,
+    aum_quality,
+    combined_quality,
+    estimate_issue_count,
+    final_scores,
+    flag_lowest,
+    knn_agreement,
+    knn_label_votes,
+)
 from ..engine import Context, EpochSpec, Learner
 from ..errors import UserError, short_repr
 from ..knn import knn_neighbours
@@ -118,7 +129,7 @@ class Ours(Method):
     name = "ours"
     summary = "SimCLR + CE warmup + stage-consensus pseudo-label refinement + softmax-weighted CE fine-tune."
     paper = "Bala et al. 2024 (arXiv) and MIDL 2025"
-    sections = {"refine": RefineConfig, "finetune": FinetuneConfig}
+    sections = {"refine": RefineConfig, "finetune": FinetuneConfig, "detect": DetectConfig}
     phases = ("ssl", "warmup", "refine", "finetune")
 
     def __init__(self, ctx: Context):
@@ -151,6 +162,11 @@ class Ours(Method):
         # time is the work's, not just its launch.
         self.refine_overhead_seconds = 0.0
         self.refine_eval_seconds = 0.0  # the part of it spent in evaluation passes (stage_loss=eval)
+        # Label-error detectors (labelrefine.detect): the training passes' dynamics (AUM), the
+        # stage evaluation passes' p(given), and the SimCLR features' kNN votes (N, C).
+        self.train_dynamics = Dynamics(self.given, reduce=True)
+        self.stage_dynamics = Dynamics(self.given)
+        self.ssl_votes: torch.Tensor | None = None
 
     # -- schedule ------------------------------------------------------------------------------
     def schedule(self) -> list[EpochSpec]:
@@ -187,18 +203,20 @@ class Ours(Method):
 
     def passes(self, spec: EpochSpec):
         ctx, r, f = self.ctx, self.cfg.refine, self.cfg.finetune
+        dyn = self.train_dynamics
         if spec.phase == "warmup":
-            return [supervised_pass(ctx, self.sup, self.all, self.labels)]
+            return [supervised_pass(ctx, self.sup, self.all, self.labels, dynamics=dyn)]
         idx, targets, strong = self._train_rows()
         if spec.phase == "finetune":
-            return [supervised_pass(ctx, self.finetuner, idx, targets, strong=strong, loss=f.loss, weight=f.weight)]
+            return [supervised_pass(ctx, self.finetuner, idx, targets, strong=strong, loss=f.loss, weight=f.weight,
+                                    dynamics=dyn)]
         if spec.phase != "refine":
             raise ValueError(f"unknown phase {spec.phase!r}")
         self._recorded = None
         if spec.epoch in stages_of(self.cfg, spec.iteration) and r.stage_loss == "train":
             self._recorded = torch.full((len(idx), ctx.num_classes), float("nan"), device=ctx.device)
         return [supervised_pass(ctx, self.sup, idx, targets, strong=strong, loss=r.loss, weight=f.weight,
-                                record=self._recorded)]
+                                record=self._recorded, dynamics=dyn)]
 
     def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
         logs = dict(parts[0])
@@ -233,6 +251,7 @@ class Ours(Method):
             selected = select(losses, threshold=r.threshold, mode=self.mode, classes=self.labels,
                               num_classes=ctx.num_classes, quantile=r.quantile)
         self.history.record(selected, logits, losses)
+        self.stage_dynamics.update(self.all, logits)
         self._view.update(stage_selected=selected, stage_labels=self.labels.clone())
         self.refine_overhead_seconds += time.perf_counter() - t0
         return {"stage_selected": int(selected.sum()), "stage_mean_loss": float(losses.mean())}
@@ -318,6 +337,9 @@ class Ours(Method):
         wanted = r.reinit == "ssl" or (self.mode == "auto" and self.ssl is not None)
         if wanted and self.init_state is None:
             self.init_state = {k: v.detach().clone() for k, v in self.sup.model.state_dict().items()}
+        if self.ssl is not None and self.ssl_votes is None:  # the SimCLR encoder, before any supervised step
+            feats = self.ctx.features_all(self.sup.model)
+            self.ssl_votes = knn_label_votes(feats, self.given, self.ctx.num_classes, k=self.cfg.detect.knn_k)
 
     # -- outputs -------------------------------------------------------------------------------
     def networks(self):
@@ -329,11 +351,43 @@ class Ours(Method):
     def oracle_view(self) -> dict[str, torch.Tensor]:
         return {"labels": self.labels, **self._view}
 
+    def detector_scores(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every detector's quality score this run has (:data:`labelrefine.detect.DETECTORS`) and
+        the final model's class probabilities ``(N, C)``."""
+        ctx, d = self.ctx, self.cfg.detect
+        logits = self.predict_logits()
+        feats = ctx.features_all(self.sup.model)
+        scores = final_scores(logits, feats, self.given, ctx.num_classes, k=d.knn_k)
+        stage = self.stage_dynamics.means()
+        if stage is not None:
+            scores["stage_confidence"] = stage[0]
+        train = self.train_dynamics.means()
+        if train is not None:
+            scores["aum"] = aum_quality(train[1])
+        if self.ssl_votes is not None:
+            scores["knn_ssl"] = knn_agreement(self.ssl_votes, self.given)
+        return scores, torch.softmax(logits.float(), dim=1)
+
     def label_report(self) -> LabelReport:
-        """Refined label = the final training label; quality = the final model's p(given label)."""
-        probs = torch.softmax(self.predict_logits(), dim=1)
-        quality = probs.gather(1, self.given[:, None]).squeeze(1)
-        return LabelReport(self.labels.clone(), quality, self.labels != self.given, self.n_stages.clone())
+        """Refined label = the final training label; quality = the ``detect.score`` detector
+        (default: the final model's p(given label)); flagged: ``detect.flag``."""
+        d = self.cfg.detect
+        scores, probs = self.detector_scores()
+        if d.score == "combined":
+            quality = combined_quality(scores, tuple(d.combine))
+        elif d.score in scores:
+            quality = scores[d.score]
+        else:
+            log.warning("detect.score=%s is not available in this run (no SimCLR phase or no stages); "
+                        "ranking by self_confidence", d.score)
+            quality = scores["self_confidence"]
+        source = probs
+        if d.estimate_from != "model" and self.ssl_votes is not None:
+            source = self.ssl_votes if d.estimate_from == "knn_ssl" else (probs + self.ssl_votes) / 2
+        estimated = estimate_issue_count(source, self.given, self.ctx.num_classes)
+        flagged = self.labels != self.given if d.flag == "refined" else flag_lowest(quality, estimated)
+        return LabelReport(self.labels.clone(), quality, flagged, self.n_stages.clone(),
+                           predicted_label=probs.argmax(1), scores=scores, estimated_issues=estimated)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -344,6 +398,8 @@ class Ours(Method):
             "labels": self.labels, "copies": self.copies, "n_stages": self.n_stages,
             "history": None if self.history is None else self.history.state_dict(),
             "init_state": self.init_state,
+            "train_dynamics": self.train_dynamics.state_dict(), "stage_dynamics": self.stage_dynamics.state_dict(),
+            "ssl_votes": self.ssl_votes,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -357,3 +413,8 @@ class Ours(Method):
         self.labels, self.copies, self.n_stages = state["labels"], state["copies"], state["n_stages"]
         self.history = None if state["history"] is None else StageHistory.from_state(state["history"])
         self.init_state = state["init_state"]
+        # Checkpoints written before the detectors existed have no dynamics: they start empty.
+        if "train_dynamics" in state:
+            self.train_dynamics.load_state_dict(state["train_dynamics"])
+            self.stage_dynamics.load_state_dict(state["stage_dynamics"])
+            self.ssl_votes = state["ssl_votes"]
