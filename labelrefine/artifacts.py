@@ -138,7 +138,8 @@ def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: L
         "n_label_issues": int(rep.is_label_issue.sum()),
         **({} if rep.estimated_issues is None else {
             "estimated_label_issues": rep.estimated_issues,
-            "estimated_noise_rate": rep.estimated_issues / max(len(rep.label_quality), 1)}),
+            "estimated_noise_rate": rep.estimated_issues / max(len(rep.label_quality), 1),
+            "estimated_label_issues_by_source": dict(rep.estimates)}),
         **({} if state.get("ssl_knn_test_acc") is None else {"ssl_knn_test_acc": state["ssl_knn_test_acc"]}),
         "seconds": {"data": round(t_data, 3), **{k: round(v, 3) for k, v in state["phase_seconds"].items()},
                     "total_training": round(state["elapsed"], 3)},
@@ -159,6 +160,10 @@ def finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, stat
         return None
     blob = model_blob(cfg, ctx, method, state, prep.classes, version)
     summary = summary_of(cfg, prep, ctx, state, rep, oracle, t_data, version)
+    ssl = getattr(method, "ssl", None) or getattr(getattr(method, "ours", None), "ssl", None)
+    if ssl is not None and ssl.epochs > 0:  # what the SimCLR encoder cost, whether pretrained here or cached
+        summary["ssl_cached"] = bool(ssl.cached)
+        summary["ssl_pretrain_seconds"] = None if ssl.seconds is None else round(float(ssl.seconds), 3)
     result = RunResult(summary=summary, labels=rep, ids=list(prep.train.ids), classes=list(prep.classes),
                        given=prep.train.labels, predictor=None, out=out)
     write_labels(out / "labels.csv", result)

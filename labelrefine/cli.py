@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import TrainingDiverged, UserError
@@ -183,6 +184,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("bench speed: --settings applies to suites only")
         return _bench_speed(args, methods, command)
     suite = load_suite(args.suite)
+    from .bench.detect import DetectSuite
+
+    if isinstance(suite, DetectSuite):
+        return _bench_detect(args, suite, methods, settings, command)
     if args.dry_run:
         print(dry_run(suite, args.out, seeds=args.seeds, methods=methods, user_overrides=args.set,
                       overwrite=args.overwrite, settings=settings))
@@ -194,6 +199,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 SPEED = "speed"  # `labelrefine bench speed`: the speed measurements, not a suite file
+
+
+def _bench_detect(args: argparse.Namespace, suite, methods: list[str] | None, settings: list[str] | None,
+                  command: str) -> int:
+    from .bench.detect import plan_units, run_detect_suite
+
+    if methods:
+        raise UserError(f"bench {suite.name}: --methods does not apply to a detection suite (it runs every "
+                        f"detector and cleanlab)")
+    if args.dry_run:
+        for u in plan_units(suite, Path(args.out), seeds=args.seeds, settings=settings, user_overrides=args.set):
+            print(f"{u.label}: {u.out}")
+        return 0
+    run_detect_suite(suite, args.out, seeds=args.seeds, settings=settings, user_overrides=args.set,
+                     overwrite=args.overwrite, command=command)
+    print(f"results: {args.out}/results.md, {args.out}/results.csv, {args.out}/results.png")
+    return 0
 
 
 def _bench_speed(args: argparse.Namespace, methods: list[str] | None, command: str) -> int:

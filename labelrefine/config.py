@@ -36,6 +36,7 @@ class DataConfig:
     pixel_scale: float = 255.0  # IDN: value of a white pixel in Xia et al.'s projection (255 = raw, the reference)
     val_fraction: float = 0.1  # fraction of the *noisy* training set held out for model selection (stratified)
     train_subset: int = 0  # use a stratified random subset of this many training samples (0 = all); CPU profiles
+    subset_seed: int = 0  # the seed that draws that subset (part of the data set's definition, not of the run)
     test_subset: int = 0  # evaluate on a stratified subset of this many test samples (0 = all)
     cache_dir: str = ""  # where decoded images and SSL encoders are cached ("" = $LABELREFINE_CACHE or ~/.cache)
 
@@ -248,6 +249,7 @@ RANGES: dict[str, Range] = {
     "data.pixel_scale": above(0.0),
     "data.val_fraction": Range(0.0, 0.5, hi_open=True),
     "data.train_subset": at_least(0),
+    "data.subset_seed": SEEDS,
     "data.test_subset": at_least(0),
     "model.width": at_least(1),
     "model.expand": Range(0, 64),

@@ -129,8 +129,9 @@ def builtin_suites() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name, or a suite YAML file by path."""
+def load_suite(name_or_path: str):
+    """A built-in suite by name, or a suite YAML file by path: a :class:`Suite`, or a
+    :class:`~labelrefine.bench.detect.DetectSuite` for ``kind: detect``."""
     suites = builtin_suites()
     if name_or_path in suites:
         path = suites[name_or_path]
@@ -140,6 +141,10 @@ def load_suite(name_or_path: str) -> Suite:
             raise UserError(f"unknown suite {name_or_path!r}: not a built-in suite ({', '.join(sorted(suites))}) "
                             f"and not a suite file")
     data = read_yaml_file(path, "suite file")
+    from .detect import detect_suite_from_dict, is_detect_suite
+
+    if is_detect_suite(data):  # kind: detect (labelrefine.bench.detect)
+        return detect_suite_from_dict(data, str(path))
     return suite_from_dict(data, str(path))
 
 

@@ -93,14 +93,22 @@ class ImageSet:
 
 @dataclass
 class DataSplits:
-    """All splits of one data set. ``val`` and ``test`` may be absent (``None``)."""
+    """All splits of one data set. ``val`` and ``test`` may be absent (``None``).
+
+    ``ssl_images``: uint8 images SimCLR pretrains on instead of the training split's (label-free;
+    e.g. a cross-validation fold's model pretrained on every image of the data set).
+    """
 
     name: str
     train: ImageSet
     test: ImageSet | None = None
     val: ImageSet | None = None
+    ssl_images: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.ssl_images is not None and tuple(self.ssl_images.shape[1:]) != tuple(self.train.shape):
+            raise UserError(f"{self.name}: ssl_images are {tuple(self.ssl_images.shape[1:])} (CxHxW), "
+                            f"the training images {tuple(self.train.shape)}")
         for split_name in ("test", "val"):
             split = getattr(self, split_name)
             if split is not None and split.classes != self.train.classes:

@@ -64,9 +64,10 @@ def prepare_data(cfg: RunConfig, cache_dir: str, data: DataSplits | None = None)
         log.info("%s: the data set's own val split (%d samples) is not used: model selection uses a split "
                  "carved from the noisy training labels (data.val_fraction)", data.name, len(data.val))
     if d.train_subset and d.train_subset < len(train):
-        # A fixed subset (seed 0): it is part of the data set's definition, not of the noise or the run.
+        # A fixed subset (data.subset_seed, default 0): part of the data set's definition, not of the noise or the run.
         train = train.subset(torch.from_numpy(stratified_sample(train.labels, d.train_subset,
-                                                                np.random.default_rng(0), train.num_classes)))
+                                                                np.random.default_rng(d.subset_seed),
+                                                                train.num_classes)))
     noise = apply_noise(train, d.noise, d.noise_rate if takes_rate else 0.0, seed=d.noise_seed,
                         pixel_scale=d.pixel_scale)
     noisy = noise.noisy_labels
@@ -92,7 +93,7 @@ def prepare_data(cfg: RunConfig, cache_dir: str, data: DataSplits | None = None)
                                                               np.random.default_rng(0), test.num_classes)))
     return Prepared(
         name=data.name, classes=list(train.classes), train=tr, val=val, test=test,
-        ssl_images=train.images, noise=noise,
+        ssl_images=train.images if data.ssl_images is None else data.ssl_images, noise=noise,
         train_clean=train.labels[train_idx].clone() if clean_known else None,
     )
 

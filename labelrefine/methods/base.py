@@ -28,6 +28,8 @@ class LabelReport:
         predicted_label: int64, the final model's argmax (``None``: the method does not say).
         scores: every detector's quality score the run has (:mod:`labelrefine.detect`), ``(N,)`` each.
         estimated_issues: the detector's estimate of the number of wrong given labels, if it makes one.
+        estimates: that estimate from each source of class probabilities the run has (``model``,
+            ``knn_ssl``, ``mean``; :class:`labelrefine.detect.DetectConfig`'s ``estimate_from``).
     """
 
     refined_label: torch.Tensor
@@ -37,12 +39,15 @@ class LabelReport:
     predicted_label: torch.Tensor | None = None
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     estimated_issues: int | None = None
+    estimates: dict[str, int] = field(default_factory=dict)
 
     def cpu(self) -> LabelReport:
         def move(v):
             if isinstance(v, torch.Tensor):
                 return v.cpu()
-            return {k: t.cpu() for k, t in v.items()} if isinstance(v, dict) else v
+            if isinstance(v, dict):
+                return {k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in v.items()}
+            return v
 
         return LabelReport(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 

@@ -381,13 +381,15 @@ class Ours(Method):
             log.warning("detect.score=%s is not available in this run (no SimCLR phase or no stages); "
                         "ranking by self_confidence", d.score)
             quality = scores["self_confidence"]
-        source = probs
-        if d.estimate_from != "model" and self.ssl_votes is not None:
-            source = self.ssl_votes if d.estimate_from == "knn_ssl" else (probs + self.ssl_votes) / 2
-        estimated = estimate_issue_count(source, self.given, self.ctx.num_classes)
+        sources = {"model": probs}
+        if self.ssl_votes is not None:
+            sources.update(knn_ssl=self.ssl_votes, mean=(probs + self.ssl_votes) / 2)
+        estimates = {k: estimate_issue_count(v, self.given, self.ctx.num_classes) for k, v in sources.items()}
+        estimated = estimates.get(d.estimate_from, estimates["model"])  # no SimCLR phase: the model's
         flagged = self.labels != self.given if d.flag == "refined" else flag_lowest(quality, estimated)
         return LabelReport(self.labels.clone(), quality, flagged, self.n_stages.clone(),
-                           predicted_label=probs.argmax(1), scores=scores, estimated_issues=estimated)
+                           predicted_label=probs.argmax(1), scores=scores, estimated_issues=estimated,
+                           estimates=estimates)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

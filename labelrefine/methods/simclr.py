@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,20 +80,21 @@ def encoder_cache_path(ctx: Context) -> Path | None:
     return Path(ctx.cache_dir) / "ssl" / f"{ctx.cfg.model.backbone}-{encoder_cache_key(ctx)}.pt"
 
 
-def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
-    """Load a cached SimCLR encoder into ``model``; False when there is none (or it is unusable)."""
+def load_cached_encoder(ctx: Context, model: nn.Module) -> dict | None:
+    """Load a cached SimCLR encoder into ``model`` and return the cache entry's info (epochs,
+    final loss, pretraining seconds); ``None`` when there is none (or it is unusable)."""
     path = encoder_cache_path(ctx)
     if path is None or not path.is_file():
-        return False
+        return None
     try:
         state = store_load(path, kind=ENCODER_FORMAT, name="SSL cache")
     except LegacyFile:  # written before checksums: not trusted, pretrained again (once)
         log.info("SSL cache %s has no checksum header (an older labelrefine's file, or not ours); "
                  "pretraining again", path)
-        return False
+        return None
     except StoreError as e:  # a damaged cache file must not stop a run: pretrain again
         log.warning("ignoring unreadable SSL cache: %s; pretraining again", e)
-        return False
+        return None
     # Check names, shapes and dtypes before copying anything: a partial copy would change the
     # model that is then pretrained again.
     encoder = state.get("encoder") if isinstance(state, dict) else None
@@ -101,10 +103,11 @@ def load_cached_encoder(ctx: Context, model: nn.Module) -> bool:
             not isinstance(encoder[k], torch.Tensor) or encoder[k].shape != v.shape or encoder[k].dtype != v.dtype
             for k, v in target.items()):
         log.warning("ignoring SSL cache %s: it does not fit the model", path)
-        return False
+        return None
     model.load_state_dict(encoder, strict=False)
     log.info("SimCLR encoder loaded from cache %s", path)
-    return True
+    info = state.get("info")
+    return dict(info) if isinstance(info, dict) else {}
 
 
 def save_cached_encoder(ctx: Context, model: nn.Module, info: dict) -> None:
@@ -210,8 +213,13 @@ class SSLInit:
         self.ctx = ctx
         self.model = model
         self.epochs = ctx.cfg.ssl.epochs
-        self.cached = self.epochs > 0 and load_cached_encoder(ctx, model)
+        info = load_cached_encoder(ctx, model) if self.epochs > 0 else None
+        self.cached = info is not None
         self.pretrain = self.epochs > 0 and not self.cached
+        # Wall seconds of the pretraining: this run's, or the cached encoder's when it recorded them
+        # (None: unknown, an older cache entry). A benchmark adds them to the run's cost.
+        self.seconds: float | None = (info or {}).get("seconds") if self.cached else 0.0
+        self._t0: float | None = None
         # A pinned ssl.seed builds the trainer at the first SSL epoch, after reseeding (on_epoch_start).
         self.pinned = ctx.cfg.ssl.seed >= 0
         self.trainer: SimCLR | None = SimCLR(ctx, model) if self.pretrain and not self.pinned else None
@@ -222,6 +230,7 @@ class SSLInit:
         return [EpochSpec("ssl", 0, e, supervised=False) for e in range(1, self.epochs + 1)]
 
     def on_epoch_start(self, spec: EpochSpec) -> dict[str, float]:
+        self._t0 = time.perf_counter()
         if self.pinned and spec.epoch == 1:
             self._start_pinned()
         return {}
@@ -245,16 +254,21 @@ class SSLInit:
 
     def on_epoch_end(self, spec: EpochSpec, parts: list[dict[str, float]]) -> dict[str, float]:
         logs = parts[0]
+        if self._t0 is not None and self.seconds is not None:
+            self.seconds += time.perf_counter() - self._t0
         if spec.epoch == self.epochs:
-            save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"]})
+            save_cached_encoder(self.ctx, self.model, {"epochs": self.epochs, "final_loss": logs["loss"],
+                                                       "seconds": self.seconds})
             self.trainer = None  # free the projection head, its optimizer and the SSL image copy
             self.pretrain = False
         return logs
 
     def state_dict(self) -> dict:
-        return {"trainer": None if self.trainer is None else self.trainer.state_dict(), "cached": self.cached}
+        return {"trainer": None if self.trainer is None else self.trainer.state_dict(), "cached": self.cached,
+                "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
+        self.seconds = state.get("seconds", self.seconds)
         if state["trainer"] is None:
             self.trainer = None  # before the first SSL epoch (pinned seed) or after the last one
         else:
