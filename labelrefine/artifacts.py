@@ -172,7 +172,7 @@ def finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, stat
         from .report import write_report
 
         write_report(out, summary, rep, prep.train.labels, prep.classes, prep.train.images, prep.train.ids,
-                     predict_logits=method.predict_logits)
+                     predict_logits=method.predict_logits, clean=None if oracle is None else oracle.clean)
     except ImportError as e:  # matplotlib missing: the run's results stand without the report
         log.warning("report skipped: %s", e)
     # Last: summary.json marks the run finished (bench reuses a run that has one), so a run killed

@@ -125,6 +125,37 @@ def make_plots(records: list[dict], rep: LabelReport, given: torch.Tensor, class
     return pngs
 
 
+def precision_recall_png(quality: torch.Tensor, wrong: torch.Tensor, flagged: torch.Tensor) -> tuple[bytes, float]:
+    """``precision_recall.png``: precision against recall of the wrong labels as the ranking
+    (ascending ``label_quality``) goes down, with the flagged set marked; and the AUPRC (average
+    precision). Evaluation only: ``wrong`` comes from the clean labels."""
+    import matplotlib.pyplot as plt
+
+    order = torch.argsort(quality.cpu(), stable=True)
+    hits = wrong.cpu()[order].double()
+    tp = hits.cumsum(0)
+    n_err = max(float(hits.sum()), 1.0)
+    precision = tp / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    recall = tp / n_err
+    ap = float((precision * hits).sum() / n_err)
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.plot(recall.numpy(), precision.numpy(), "-", color="#1f77b4", label=f"ranking (AUPRC {ap:.3f})")
+    k = int(flagged.sum())
+    if 0 < k <= len(hits):
+        ax.plot([float(recall[k - 1])], [float(precision[k - 1])], "o", color="#d62728",
+                label=f"the {k} flagged (if they are the lowest ranked)")
+    ax.axhline(float(hits.mean()) if len(hits) else 0.0, color="grey", lw=0.8, ls="--", label="noise rate (chance)")
+    ax.set_xlabel("recall of the wrong labels")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Finding the wrong labels (from the clean labels, for evaluation)", fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data, ap
+
+
 
 #: Largest class count for which the summary shows the transition matrix as an HTML table.
 MATRIX_TABLE_MAX_CLASSES = 30
@@ -225,7 +256,9 @@ def _summary_section(summary: dict, rep: LabelReport, given: torch.Tensor, class
     flagged = rep.is_label_issue.cpu().bool()
     refined = rep.refined_label.cpu()
     changed = int((refined != given.cpu()).sum())
-    est = float(flagged.double().mean()) if n else 0.0
+    est = summary.get("estimated_noise_rate")
+    if est is None:
+        est = float(flagged.double().mean()) if n else 0.0
     facts = [
         ("method", _esc(summary.get("method"))),
         ("data set", f"{_esc(summary.get('dataset'))} (<code>{_esc(summary.get('data'))}</code>)"),
@@ -236,7 +269,12 @@ def _summary_section(summary: dict, rep: LabelReport, given: torch.Tensor, class
     if noise.get("type"):
         facts.append(("noise injected", _esc(_fmt({k: v for k, v in noise.items() if v is not None}))))
     oracle = " <em>(from the clean labels, for evaluation)</em>"
-    rate = f"<strong>{_pct(est)}</strong> ({int(flagged.sum())} of {n} training labels flagged as issues by the method)"
+    if summary.get("estimated_label_issues") is not None:
+        rate = (f"<strong>{_pct(est)}</strong> ({summary['estimated_label_issues']} of {n} labels, estimated by "
+                f"the confident joint); flagged as issues: <strong>{int(flagged.sum())}</strong>")
+    else:
+        rate = (f"<strong>{_pct(est)}</strong> ({int(flagged.sum())} of {n} training labels flagged as issues by "
+                f"the method)")
     before = summary.get("train_label_acc_before")
     if before is not None:
         rate += f"; true rate: {_pct(1 - before)}{oracle}"
@@ -361,7 +399,8 @@ def build_html(summary: dict, rep: LabelReport, given: torch.Tensor, classes: li
 
 def write_report(out: Path, summary: dict, rep: LabelReport, given: torch.Tensor, classes: list[str],
                  images: torch.Tensor, ids: list[str], *, top_k: int = 48,
-                 predict_logits: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 predict_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 clean: torch.Tensor | None = None) -> None:
     """Write the PNGs and ``report.html`` (every image embedded as a data URI) into ``out``.
 
     Args:
@@ -372,12 +411,17 @@ def write_report(out: Path, summary: dict, rep: LabelReport, given: torch.Tensor
         top_k: how many suspected label errors the gallery shows.
         predict_logits: the trained model (uint8 images → logits). With it, a gallery image's
             confidence is the model's probability of the suggested label; without, 1 − label_quality.
+        clean: the clean training labels when they are known (synthetic noise, a clean column):
+            evaluation only, for the precision-recall curve of the ranking.
     """
     out = Path(out)
     if not len(images) == len(ids) == len(given) == len(rep.refined_label):
         raise ValueError(f"write_report: {len(images)} images, {len(ids)} ids, {len(given)} labels and "
                          f"{len(rep.refined_label)} report rows differ")
     pngs = make_plots(_read_metrics(out), rep, given, classes)
+    if clean is not None and len(clean) == len(given):
+        pngs["precision_recall.png"], _ = precision_recall_png(rep.label_quality, clean.cpu() != given.cpu(),
+                                                               rep.is_label_issue)
     for name, data in pngs.items():
         write_bytes(out / name, data)  # atomic: a kill never leaves a truncated PNG
     write_text(out / "report.html", build_html(summary, rep, given, classes, images, ids, pngs, top_k=top_k,

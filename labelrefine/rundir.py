@@ -40,7 +40,7 @@ LOCK_NAME = ".labelrefine.lock"
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "labels.csv", "summary.json", "model.pt", "report.html",
              "checkpoint.pt")
 FINISHED_MARKER = "summary.json"
-REPORT_FILES = ("accuracy.png", "labels.png", "confusion.png")  # labelrefine.report's PNGs
+REPORT_FILES = ("accuracy.png", "labels.png", "confusion.png", "precision_recall.png")  # labelrefine.report's PNGs
 #: Every file of ours a run directory can hold (besides the lock and temporary files).
 RUN_FILES = ARTIFACTS + REPORT_FILES
 

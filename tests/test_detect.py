@@ -138,6 +138,9 @@ def test_a_run_writes_every_detector_and_cleanlabs_columns(tiny_config, tmp_path
     table = res.label_table()
     assert set(table.columns) >= CLEANLAB_COLUMNS and list(table.columns) == list(rows[0])
     assert res.summary["estimated_label_issues"] >= 0
+    html = (tmp_path / "run" / "report.html").read_text()  # the estimate beside the flagged count, and a PR curve
+    assert "estimated by the confident joint" in html and "precision_recall.png" in html
+    assert (tmp_path / "run" / "precision_recall.png").is_file()
     # the chosen detector ranks the table; the flagged set is the estimated count of lowest quality
     res2 = run(tiny_config("method=ours", "ssl.epochs=1", "detect.score=knn_ssl", "detect.flag=estimated"),
                tmp_path / "run2")
@@ -159,3 +162,16 @@ def test_the_live_cleanlab_columns_are_ours():
     y = (x[:, 0] > 0).astype(int)
     issues = CleanLearning(LogisticRegression(), cv_n_folds=3).find_label_issues(x, y)
     assert set(issues.columns) == CLEANLAB_COLUMNS
+
+
+def test_the_reports_precision_recall_curve_has_sklearns_average_precision():
+    from sklearn.metrics import average_precision_score
+
+    from labelrefine.report import precision_recall_png
+
+    g = torch.Generator().manual_seed(4)
+    wrong = torch.rand(200, generator=g) < 0.2
+    quality = torch.rand(200, generator=g) - 0.3 * wrong.float()
+    png, ap = precision_recall_png(quality, wrong, quality < 0.1)
+    assert png.startswith(b"\x89PNG")
+    assert ap == pytest.approx(average_precision_score(wrong.numpy(), -quality.numpy()), abs=1e-9)
