@@ -126,16 +126,22 @@ def cmd_clean(args: argparse.Namespace) -> int:
     probe = load_config(args.config, [f"data.spec={args.data}", *args.set])  # validates before the data load
     with claim(args.out):  # before the slow imports and the data load: see cmd_run
         check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
-        from .api import config_for
+        from .api import auto_resize, config_for
         from .data.sources import load_data
+        from .engine import resolve_device
         from .pipeline import default_cache_dir, run
 
-        data = load_data(args.data, cache_dir=default_cache_dir(probe))
+        spec = args.data
+        resized = auto_resize(spec, resolve_device(probe.device).type)
+        if resized is not None:
+            spec, why = resized
+            print(f"resizing: {why}")
+        data = load_data(spec, cache_dir=default_cache_dir(probe))
         train = data.train
         cfg, chosen = config_for(train, device=probe.device, config=args.config,
-                                 overrides=[f"data.spec={args.data}", *args.set])
+                                 overrides=[f"data.spec={spec}", *args.set])
         c, h, w = train.shape
-        print(f"data: {args.data}: {len(train)} training images, {h}x{w}, {c} channel(s), {train.num_classes} "
+        print(f"data: {spec}: {len(train)} training images, {h}x{w}, {c} channel(s), {train.num_classes} "
               f"classes" + (f"; test split {len(data.test)}" if data.test is not None else "; no test split"))
         if chosen:
             print("settings chosen for this data (override with --set KEY=VALUE):")

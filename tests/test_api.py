@@ -135,6 +135,34 @@ def test_clean_cli_on_an_imagefolder(tmp_path, capsys):
     assert (out / "labels.csv").stat().st_mtime_ns == stamp
 
 
+def test_clean_resizes_a_folder_of_mixed_size_photos_and_says_why(tmp_path, capsys):
+    """Larger photos of mixed sizes (500x375, 375x500, 480x360 JPEGs) work out of the box: clean
+    picks a size, prints what and why, and logs an ETA at the start of each long phase."""
+    rng = np.random.default_rng(1)
+    sizes = [(375, 500), (500, 375), (360, 480)]
+    for split, n in (("train", 12), ("test", 3)):
+        for c, name in enumerate(["cat", "dog", "fox"]):
+            d = tmp_path / "photos" / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = sizes[i % 3]
+                arr = rng.integers(0, 90, (h, w, 3), dtype=np.uint8) + np.uint8(80 * c)
+                Image.fromarray(arr).save(d / f"{i}.jpg", quality=85)
+    out = tmp_path / "out"
+    small_batches = ["optim.batch_size=4", "ssl.batch_size=6"]  # several steps an epoch: the ETA is timed on them
+    args = ["clean", "--data", f"imagefolder:{tmp_path / 'photos'}", "--out", str(out),
+            *sum((["--set", s] for s in [*FAST, *small_batches]), [])]
+    assert main(args) == 0
+    printed, logged = capsys.readouterr()
+    assert "resizing: the images are mixed sizes, 360-500 x 375-500 (HxW)" in printed
+    assert "training at 64x64 (at most 64 px on cpu)" in printed
+    assert "36 training images, 64x64, 3 channel(s), 3 classes" in printed
+    assert ",size=64x64" in (out / "config.yaml").read_text()
+    etas = [line for line in logged.splitlines() if "the phase's" in line]
+    assert any("ssl: about" in m for m in etas) and any("warmup: about" in m for m in etas), etas
+    assert len(list(csv.DictReader((out / "labels.csv").open()))) == 32  # 36 less the 10% validation split
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "imagefolder:nowhere"], "nowhere"),
     (["--data", "digits", "--set", "optim.lr=-1"], "optim.lr"),

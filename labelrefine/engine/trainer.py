@@ -111,6 +111,7 @@ class Trainer:
         self.test = None if test is None else (to_device(test.images, ctx.device), test.labels.to(ctx.device))
         self.schedule: list[EpochSpec] = []
         self.state: dict = {}
+        self._eta: tuple[str, int] | None = None  # (phase, its epochs left): log an ETA early in the next pass
 
     # -- one pass, one epoch ---------------------------------------------------------------------
     def run_pass(self, p: Pass) -> dict[str, float]:
@@ -122,7 +123,15 @@ class Trainer:
         steps = max(1, len(p.batches))
         sums: dict[str, float] = {}
         count, lr = 0, p.learners[0].base_lr
-        for batch in progress(p.batches, total=steps, desc=p.desc, unit="batch", inner=True):
+        eta, self._eta = self._eta, None
+        probe_at = min(steps, max(3, steps // 10))  # time steps 2..probe_at (step 1 warms up caches)
+        t_first = None
+        for k, batch in enumerate(progress(p.batches, total=steps, desc=p.desc, unit="batch", inner=True), 1):
+            if eta is not None and k == 2:
+                t_first = time.perf_counter()
+            if eta is not None and t_first is not None and k == probe_at + 1:
+                self._log_eta(eta, (time.perf_counter() - t_first) / (probe_at - 1) * steps)
+                eta = None
             lr = [learner.set_lr() for learner in p.learners][0]
             out = p.step(batch)
             if not all(bool(torch.isfinite(v)) for v in out.losses):
@@ -142,6 +151,12 @@ class Trainer:
             sums = {k: float(v) for k, v in zip(keys, total[:-1], strict=True)}
             count = int(total[-1])
         return {**{k: v / max(count, 1) for k, v in sums.items()}, "lr": lr, "samples": count}
+
+    @staticmethod
+    def _log_eta(eta: tuple[str, int], epoch_seconds: float) -> None:
+        phase, epochs = eta
+        log.info("%s: about %s an epoch (timed on its first steps); the phase's %d epoch(s): about %s",
+                 phase, _duration(epoch_seconds), epochs, _duration(epoch_seconds * epochs))
 
     def run_epoch(self, spec: EpochSpec) -> dict[str, float]:
         """One schedule entry: the handler's start hook, its passes, its end hook; the epoch's logs."""
@@ -179,6 +194,9 @@ class Trainer:
                 self.method.on_supervised_start()
                 state["supervised_started"] = True
                 state["ssl_knn_test_acc"] = self._ssl_knn()
+            if i == state["done"] or schedule[i - 1].phase != spec.phase:  # a phase starts: say what it will take
+                left = next((j for j in range(i, n) if schedule[j].phase != spec.phase), n) - i
+                self._eta = (spec.phase, left)
             t0 = time.perf_counter()
             try:
                 logs = self.run_epoch(spec)
@@ -256,6 +274,10 @@ class Trainer:
                              "spec": spec.as_dict(),
                              "networks": {k: {n: t.detach().to("cpu", copy=True) for n, t in v.state_dict().items()}
                                           for k, v in method.networks().items()}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def epoch_line(r: dict, total: int) -> str:
