@@ -53,10 +53,12 @@ class RunResult:
     out: Path
 
     def score_columns(self) -> list[str]:
-        """The detector score columns this run's table has, in :data:`~labelrefine.detect.DETECTORS` order."""
+        """The detector score columns this run's table has: :data:`~labelrefine.detect.DETECTORS`
+        order, then any others (``detect.knn_k_sweep``'s) by name."""
         from .detect import DETECTORS
 
-        return [name for name in DETECTORS if name in self.labels.scores]
+        have = self.labels.scores
+        return [name for name in DETECTORS if name in have] + sorted(n for n in have if n not in DETECTORS)
 
     def predicted(self) -> torch.Tensor:
         """The final model's predicted class per sample (the refined label if the method gives none)."""

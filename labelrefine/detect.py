@@ -129,6 +129,19 @@ def knn_label_votes(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return knn_votes(features, labels, features, num_classes, k=k, temperature=temperature, exclude_self=True)
 
 
+@torch.no_grad()
+def knn_agreement_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ks: list[int], *,
+                        temperature: float = 0.1) -> dict[int, torch.Tensor]:
+    """:func:`knn_agreement` of :func:`knn_label_votes` for every ``k`` in ``ks``, from one
+    neighbour search (the ``k`` nearest are a prefix of the ``max(ks)`` nearest)."""
+    from .knn import knn_neighbours, neighbour_votes
+
+    if not ks:
+        return {}
+    idx, w = knn_neighbours(features, features, k=max(ks), temperature=temperature, exclude_self=True)
+    return {k: knn_agreement(neighbour_votes(idx[:, :k], w[:, :k], labels, num_classes), labels) for k in ks}
+
+
 def knn_agreement(votes: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
     """The vote mass on the given label, ``(N,)``."""
     return votes.gather(1, given[:, None].long()).squeeze(1)
@@ -184,15 +197,17 @@ def combined_quality(scores: dict[str, torch.Tensor], names: tuple[str, ...]) ->
 
 
 def final_scores(logits: torch.Tensor, features: torch.Tensor | None, given: torch.Tensor, num_classes: int,
-                 *, k: int = KNN_K) -> dict[str, torch.Tensor]:
+                 *, k: int = KNN_K, sweep: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The final model's detectors: ``self_confidence``, ``normalized_margin`` and, with its
-    penultimate ``features``, ``knn_model``."""
+    penultimate ``features``, ``knn_model`` (and ``knn_model_k<K>`` for each K of ``sweep``)."""
     probs = torch.softmax(logits.float(), dim=1)
     out = {"self_confidence": probs.gather(1, given[:, None].long()).squeeze(1),
            "normalized_margin": normalized_margin(probs, given)}
     if features is not None:
-        out["knn_model"] = knn_agreement(knn_label_votes(F.normalize(features.float(), dim=1), given,
-                                                         num_classes, k=k), given)
+        feats = F.normalize(features.float(), dim=1)
+        agree = knn_agreement_sweep(feats, given, num_classes, sorted({k, *(sweep or [])}))
+        out["knn_model"] = agree[k]
+        out.update({f"knn_model_k{kk}": v for kk, v in agree.items() if kk in (sweep or [])})
     return out
 
 
@@ -200,7 +215,7 @@ def final_scores(logits: torch.Tensor, features: torch.Tensor | None, given: tor
 class DetectConfig:
     """The ``detect`` config section: which detector ranks ``labels.csv`` and what is flagged."""
 
-    RANGES: ClassVar[dict[str, Range]] = {"knn_k": at_least(1)}
+    RANGES: ClassVar[dict[str, Range]] = {"knn_k": at_least(1), "knn_k_sweep": at_least(1)}
     # label_quality (the ranking): one of DETECTORS, or "combined" (the mean of detect.combine).
     score: Literal["self_confidence", "normalized_margin", "stage_confidence", "aum", "knn_ssl", "knn_model",
                    "combined"] = "self_confidence"
@@ -212,6 +227,8 @@ class DetectConfig:
     # votes (out of sample: a sample never votes for itself), or their mean.
     estimate_from: Literal["model", "knn_ssl", "mean"] = "model"
     knn_k: int = KNN_K  # neighbours of the kNN detectors
+    # Benchmarks: also report the kNN agreements at these k (columns knn_ssl_k<K>, knn_model_k<K>).
+    knn_k_sweep: list[int] = field(default_factory=list)
 
     def check(self) -> None:
         bad = [n for n in self.combine if n not in DETECTORS]

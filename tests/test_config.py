@@ -175,8 +175,15 @@ def test_range_ends_that_are_allowed(item):
 def test_defaults_builtin_suites_and_presets_validate(tmp_path):
     validate(RunConfig())
     assert config_from_dict({}) == RunConfig()
+    from labelrefine.bench.detect import DetectSuite, fold_config, plan_units
+
     for name in sorted(builtin_suites()):
-        runs = plan(load_suite(name), tmp_path, seeds=2)  # every run's config, validated
+        suite = load_suite(name)
+        if isinstance(suite, DetectSuite):  # every unit's config and its fold models', validated
+            units = plan_units(suite, tmp_path, seeds=2)
+            assert units and all(fold_config(u.cfg, "ce_ssl").method == "ce_ssl" for u in units)
+            continue
+        runs = plan(suite, tmp_path, seeds=2)  # every run's config, validated
         assert runs
     presets = sorted(CONFIGS.glob("*.yaml"))
     assert presets

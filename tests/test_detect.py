@@ -122,6 +122,16 @@ def test_knn_agreement_matches_a_brute_force_vote():
         assert votes[i].tolist() == pytest.approx([m / sum(mass) for m in mass], abs=1e-5)
 
 
+def test_the_k_sweep_equals_one_search_per_k():
+    from labelrefine.detect import knn_agreement, knn_agreement_sweep
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(50, 4, generator=g), torch.randint(0, 3, (50,), generator=g)
+    sweep = knn_agreement_sweep(x, y, 3, [3, 7, 20])
+    for k, agree in sweep.items():
+        assert torch.allclose(agree, knn_agreement(knn_label_votes(x, y, 3, k=k), y), atol=1e-6)
+
+
 def test_a_run_writes_every_detector_and_cleanlabs_columns(tiny_config, tmp_path):
     from labelrefine.pipeline import run
 
@@ -142,9 +152,10 @@ def test_a_run_writes_every_detector_and_cleanlabs_columns(tiny_config, tmp_path
     assert "estimated by the confident joint" in html and "precision_recall.png" in html
     assert (tmp_path / "run" / "precision_recall.png").is_file()
     # the chosen detector ranks the table; the flagged set is the estimated count of lowest quality
-    res2 = run(tiny_config("method=ours", "ssl.epochs=1", "detect.score=knn_ssl", "detect.flag=estimated"),
-               tmp_path / "run2")
+    res2 = run(tiny_config("method=ours", "ssl.epochs=1", "detect.score=knn_ssl", "detect.flag=estimated",
+                           "detect.knn_k_sweep=[5, 20]"), tmp_path / "run2")
     t2 = res2.label_table()
+    assert {"knn_ssl_k5", "knn_ssl_k20", "knn_model_k5", "knn_model_k20"} <= set(t2.columns)
     assert t2["label_quality"].tolist() == t2["knn_ssl"].tolist()
     n = res2.summary["estimated_label_issues"]
     assert int(t2["is_label_issue"].sum()) == n and bool(t2["is_label_issue"].iloc[:n].all())

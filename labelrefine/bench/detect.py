@@ -331,7 +331,7 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
         out[idx] = [cast(r[name]) for r in rows]
         return out
 
-    scores = {name: column(name) for name in rows[0] if name in _detector_names()}
+    scores = {name: column(name) for name in rows[0] if _is_detector(name)}
     predicted = np.empty(n, dtype=np.int64)
     predicted[idx] = [classes[r["predicted_label"]] for r in rows]
     refined = np.empty(n, dtype=np.int64)
@@ -382,10 +382,11 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
             "folds": suite.folds}
 
 
-def _detector_names() -> set[str]:
+def _is_detector(column: str) -> bool:
+    """A labels.csv column that holds a detector's score (detect.knn_k_sweep's included)."""
     from ..detect import DETECTORS
 
-    return set(DETECTORS)
+    return column in DETECTORS or column.startswith(("knn_ssl_k", "knn_model_k"))
 
 
 def run_detect_suite(suite: DetectSuite, out: str | Path, *, seeds: int = 1, settings: list[str] | None = None,

@@ -32,6 +32,7 @@ from ..detect import (
     final_scores,
     flag_lowest,
     knn_agreement,
+    knn_agreement_sweep,
     knn_label_votes,
 )
 from ..engine import Context, EpochSpec, Learner
@@ -167,6 +168,7 @@ class Ours(Method):
         self.train_dynamics = Dynamics(self.given, reduce=True)
         self.stage_dynamics = Dynamics(self.given)
         self.ssl_votes: torch.Tensor | None = None
+        self.ssl_sweep: dict[int, torch.Tensor] = {}  # detect.knn_k_sweep: the SimCLR kNN agreement at each k
 
     # -- schedule ------------------------------------------------------------------------------
     def schedule(self) -> list[EpochSpec]:
@@ -339,7 +341,9 @@ class Ours(Method):
             self.init_state = {k: v.detach().clone() for k, v in self.sup.model.state_dict().items()}
         if self.ssl is not None and self.ssl_votes is None:  # the SimCLR encoder, before any supervised step
             feats = self.ctx.features_all(self.sup.model)
-            self.ssl_votes = knn_label_votes(feats, self.given, self.ctx.num_classes, k=self.cfg.detect.knn_k)
+            d = self.cfg.detect
+            self.ssl_votes = knn_label_votes(feats, self.given, self.ctx.num_classes, k=d.knn_k)
+            self.ssl_sweep = knn_agreement_sweep(feats, self.given, self.ctx.num_classes, list(d.knn_k_sweep))
 
     # -- outputs -------------------------------------------------------------------------------
     def networks(self):
@@ -357,7 +361,7 @@ class Ours(Method):
         ctx, d = self.ctx, self.cfg.detect
         logits = self.predict_logits()
         feats = ctx.features_all(self.sup.model)
-        scores = final_scores(logits, feats, self.given, ctx.num_classes, k=d.knn_k)
+        scores = final_scores(logits, feats, self.given, ctx.num_classes, k=d.knn_k, sweep=list(d.knn_k_sweep))
         stage = self.stage_dynamics.means()
         if stage is not None:
             scores["stage_confidence"] = stage[0]
@@ -366,6 +370,7 @@ class Ours(Method):
             scores["aum"] = aum_quality(train[1])
         if self.ssl_votes is not None:
             scores["knn_ssl"] = knn_agreement(self.ssl_votes, self.given)
+        scores.update({f"knn_ssl_k{k}": v for k, v in self.ssl_sweep.items()})
         return scores, torch.softmax(logits.float(), dim=1)
 
     def label_report(self) -> LabelReport:
@@ -401,7 +406,7 @@ class Ours(Method):
             "history": None if self.history is None else self.history.state_dict(),
             "init_state": self.init_state,
             "train_dynamics": self.train_dynamics.state_dict(), "stage_dynamics": self.stage_dynamics.state_dict(),
-            "ssl_votes": self.ssl_votes,
+            "ssl_votes": self.ssl_votes, "ssl_sweep": self.ssl_sweep,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -420,3 +425,4 @@ class Ours(Method):
             self.train_dynamics.load_state_dict(state["train_dynamics"])
             self.stage_dynamics.load_state_dict(state["stage_dynamics"])
             self.ssl_votes = state["ssl_votes"]
+            self.ssl_sweep = state.get("ssl_sweep", {})
