@@ -209,14 +209,15 @@ SPEED = "speed"  # `labelrefine bench speed`: the speed measurements, not a suit
 
 def _bench_detect(args: argparse.Namespace, suite, methods: list[str] | None, settings: list[str] | None,
                   command: str) -> int:
-    from .bench.detect import plan_units, run_detect_suite
+    from .bench.detect import load_unit_records, plan_units, run_detect_suite, unit_status
 
     if methods:
         raise UserError(f"bench {suite.name}: --methods does not apply to a detection suite (it runs every "
                         f"detector and cleanlab)")
     if args.dry_run:
+        records = load_unit_records(Path(args.out))
         for u in plan_units(suite, Path(args.out), seeds=args.seeds, settings=settings, user_overrides=args.set):
-            print(f"{u.label}: {u.out}")
+            print(f"{u.label}: {unit_status(u, records)}  {u.out}")
         return 0
     run_detect_suite(suite, args.out, seeds=args.seeds, settings=settings, user_overrides=args.set,
                      overwrite=args.overwrite, command=command)

@@ -212,6 +212,13 @@ def _recorded(u: Unit, records: dict) -> dict | None:
     return rec if rec is not None and config_difference(rec["config"], u.cfg) is None else None
 
 
+def unit_status(u: Unit, records: dict) -> str:
+    """recorded (its record has this config) | partial (some of its runs exist) | new."""
+    if _recorded(u, records) is not None:
+        return "recorded"
+    return "partial" if u.out.exists() else "new"
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
