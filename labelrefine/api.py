@@ -270,9 +270,11 @@ def find_label_issues(images: Any, labels: Any, *, classes: Sequence[str] | None
 
     Returns:
         One row per image, suspected errors first: ``id`` (the image's position in ``images``,
-        as in labels.csv), ``given_label``, ``refined_label`` (class names), ``label_quality``
-        (low = likely wrong; unrounded, where labels.csv has 6 decimals), ``is_label_issue``,
-        ``n_stages_selected``. Built from the run's result in memory.
+        as in labels.csv), ``given_label``, ``predicted_label``, ``refined_label`` (class names),
+        ``label_quality`` (low = likely wrong; unrounded, where labels.csv has 6 decimals),
+        ``is_label_issue``, ``n_stages_selected`` (cleanlab's ``CleanLearning.find_label_issues``
+        columns and ours), then each detector's score (:data:`labelrefine.detect.DETECTORS`).
+        Built from the run's result in memory.
     """
     result = _train(images, labels, classes=classes, test_images=test_images, test_labels=test_labels,
                     config=config, overrides=overrides, out=out, device=device, seed=seed)
