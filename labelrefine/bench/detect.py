@@ -42,7 +42,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,17 @@ import torch
 from ..config import RunConfig, apply_overrides, config_difference, config_from_dict, config_hash, config_to_dict
 from ..errors import UserError, short_repr
 from ..io import write_text
-from .suites import Setting, _cut, _dates, _machine, paired_difference
+from .suites import (
+    Setting,
+    _cut,
+    _dates,
+    _machine,
+    common_fields,
+    json_lines,
+    paired_difference,
+    parse_settings,
+    select_settings,
+)
 
 log = logging.getLogger("labelrefine")
 
@@ -104,13 +113,7 @@ def detect_suite_from_dict(data: Any, source: str = "<dict>") -> DetectSuite:
     for key in ("name", "settings", "config"):
         if key not in data:
             raise bad(f"missing key {key!r}")
-    if not isinstance(data["settings"], list) or not data["settings"]:
-        raise bad("'settings' must be a non-empty list")
-    settings = []
-    for i, s in enumerate(data["settings"]):
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("set", []), list):
-            raise bad(f"settings[{i}] must be a mapping with a 'name' and a 'set' list of KEY=VALUE strings")
-        settings.append(Setting(s["name"], [str(x) for x in s.get("set", [])]))
+    settings = parse_settings(data["settings"], bad)
     if len({s.slug for s in settings}) != len(settings):
         raise bad(f"setting names must be distinct: {short_repr([s.name for s in settings])}")
     folds = data.get("folds", 5)
@@ -119,15 +122,7 @@ def detect_suite_from_dict(data: Any, source: str = "<dict>") -> DetectSuite:
     for key in ("cleanlab_ssl", "subset_per_seed"):
         if not isinstance(data.get(key, False), bool):
             raise bad(f"'{key}' must be true or false, got {short_repr(data[key])}")
-    if not isinstance(data["config"], dict):
-        raise bad("'config' must be a mapping (a run config)")
-    budget = data.get("budget_minutes")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not 0 < budget < math.inf):
-        raise bad(f"'budget_minutes' must be a number of minutes in (0, inf), got {short_repr(budget)}")
-    notes = data.get("profile_notes", [])
-    if not isinstance(notes, list):
-        raise bad(f"'profile_notes' must be a list, got {short_repr(notes)}")
+    budget, notes = common_fields(data, bad)
     return DetectSuite(name=str(data["name"]), title=str(data.get("title", data["name"])), settings=settings,
                        config=data["config"], folds=folds, cleanlab_ssl=data.get("cleanlab_ssl", True),
                        subset_per_seed=data.get("subset_per_seed", False), budget_minutes=budget,
@@ -165,15 +160,7 @@ def plan_units(suite: DetectSuite, out: Path, *, seeds: int, settings: list[str]
                user_overrides: list[str] | None = None) -> list[Unit]:
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1")
-    chosen = suite.settings
-    if settings:
-        known = {key: s for s in suite.settings for key in (s.name, s.slug)}
-        missing = [name for name in settings if name not in known]
-        if missing:
-            raise UserError(f"--settings: {short_repr(missing[0])} is not a setting of suite {suite.name} "
-                            f"({', '.join(s.name for s in suite.settings)})")
-        wanted = {id(known[name]) for name in settings}
-        chosen = [s for s in suite.settings if id(s) in wanted]
+    chosen = select_settings(suite.name, suite.settings, settings)
     user = list(user_overrides or [])
     return [Unit(s, seed, unit_config(suite, s, seed, user), out / "runs" / s.slug / f"seed{seed}")
             for seed in range(seeds) for s in chosen]
@@ -191,16 +178,8 @@ def fold_config(cfg: RunConfig, method: str) -> RunConfig:
 
 def load_unit_records(out: Path) -> dict[tuple[str, int], dict]:
     path = out / RECORDS
-    if not path.is_file():
-        return {}
     records = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: line {n} is not valid JSON") from None
+    for n, rec in json_lines(path):
         if not isinstance(rec, dict) or not {"setting", "seed", "config", "detectors"} <= set(rec):
             raise UserError(f"{path}: line {n} is not a unit record (setting, seed, config, detectors)")
         records[(str(rec["setting"]), int(rec["seed"]))] = rec

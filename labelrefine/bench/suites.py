@@ -171,13 +171,7 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
     for m in methods:
         if m not in registered:
             raise bad(f"unknown method {short_repr(m)}; registered: {', '.join(registered)}")
-    settings = []
-    if not isinstance(data["settings"], list) or not data["settings"]:
-        raise bad("'settings' must be a non-empty list")
-    for i, s in enumerate(data["settings"]):
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("set", []), list):
-            raise bad(f"settings[{i}] must be a mapping with a 'name' and a 'set' list of KEY=VALUE strings")
-        settings.append(Setting(s["name"], [str(x) for x in s.get("set", [])]))
+    settings = parse_settings(data["settings"], bad)
     slugs = [s.slug for s in settings]
     if len(set(slugs)) != len(slugs) or REFERENCE_SETTING in slugs:
         raise bad(f"setting names must be distinct and not {REFERENCE_SETTING!r}: "
@@ -198,17 +192,9 @@ def suite_from_dict(data: Any, source: str = "<dict>") -> Suite:
             raise bad(f"method_seeds: unknown method {short_repr(m)}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise bad(f"method_seeds.{m} must be an integer >= 1, got {short_repr(n)}")
-    if not isinstance(data["config"], dict):
-        raise bad("'config' must be a mapping (a run config)")
-    budget = data.get("budget_minutes")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not 0 < budget < math.inf):
-        raise bad(f"'budget_minutes' must be a number of minutes in (0, inf), got {short_repr(budget)}")
+    budget, notes = common_fields(data, bad)
     if not isinstance(data.get("reference", True), bool):
         raise bad(f"'reference' must be true or false, got {short_repr(data['reference'])}")
-    notes = data.get("profile_notes", [])
-    if not isinstance(notes, list):
-        raise bad(f"'profile_notes' must be a list, got {short_repr(notes)}")
     return Suite(
         name=str(data["name"]), title=str(data.get("title", data["name"])), settings=settings, methods=methods,
         config=data["config"], reference=data.get("reference", True),
@@ -240,6 +226,46 @@ def _cut(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def select_settings(suite_name: str, settings: list[Setting], wanted: list[str] | None) -> list[Setting]:
+    """The settings ``--settings`` names (by name or slug), in the suite's order; all without it."""
+    if not wanted:
+        return settings
+    known = {key: s for s in settings for key in (s.name, s.slug)}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UserError(f"--settings: {short_repr(unknown[0])} is not a setting of suite {suite_name} "
+                        f"({', '.join(s.name for s in settings)})")
+    ids = {id(known[name]) for name in wanted}
+    return [s for s in settings if id(s) in ids]
+
+
+def parse_settings(raw: Any, bad) -> list[Setting]:
+    """A suite file's ``settings`` list; ``bad(message)`` builds the error naming the file."""
+    if not isinstance(raw, list) or not raw:
+        raise bad("'settings' must be a non-empty list")
+    settings = []
+    for i, s in enumerate(raw):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("set", []), list):
+            raise bad(f"settings[{i}] must be a mapping with a 'name' and a 'set' list of KEY=VALUE strings")
+        settings.append(Setting(s["name"], [str(x) for x in s.get("set", [])]))
+    return settings
+
+
+def common_fields(data: dict, bad) -> tuple[float | None, list]:
+    """Checks of what every suite kind has: ``config`` (a mapping), ``budget_minutes`` and
+    ``profile_notes``; returns the last two."""
+    if not isinstance(data["config"], dict):
+        raise bad("'config' must be a mapping (a run config)")
+    budget = data.get("budget_minutes")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget < math.inf):
+        raise bad(f"'budget_minutes' must be a number of minutes in (0, inf), got {short_repr(budget)}")
+    notes = data.get("profile_notes", [])
+    if not isinstance(notes, list):
+        raise bad(f"'profile_notes' must be a list, got {short_repr(notes)}")
+    return budget, notes
+
+
 def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = None,
          user_overrides: list[str] | None = None, settings: list[str] | None = None) -> list[PlannedRun]:
     """Every run of the suite, the clean reference first, then setting by setting.
@@ -256,15 +282,7 @@ def plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None = Non
             raise UserError(f"--methods: {short_repr(unknown[0])} is not in suite {suite.name} "
                             f"({', '.join(suite.methods)})")
         chosen = [m for m in suite.methods if m in methods]
-    chosen_settings = suite.settings
-    if settings:
-        known = {key: s for s in suite.settings for key in (s.name, s.slug)}
-        unknown = [name for name in settings if name not in known]
-        if unknown:
-            raise UserError(f"--settings: {short_repr(unknown[0])} is not a setting of suite {suite.name} "
-                            f"({', '.join(s.name for s in suite.settings)})")
-        wanted = {id(known[name]) for name in settings}
-        chosen_settings = [s for s in suite.settings if id(s) in wanted]
+    chosen_settings = select_settings(suite.name, suite.settings, settings)
     user = list(user_overrides or [])
     runs: list[PlannedRun] = []
     for seed in range(seeds):
@@ -296,22 +314,28 @@ def load_records(out: Path) -> dict[tuple[str, str, int], dict]:
     not run again, so a long suite may span sessions.
     """
     path = out / RECORDS
-    if not path.is_file():
-        return {}
     records: dict[tuple[str, str, int], dict] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: line {n} is not valid JSON") from None
+    for n, rec in json_lines(path):
         if (not isinstance(rec, dict) or not {"setting", "method", "seed", "config"} <= set(rec)
                 or not isinstance(rec["seed"], int) or isinstance(rec["seed"], bool)
                 or not isinstance(rec["setting"], str) or not isinstance(rec["method"], str)):
             raise UserError(f"{path}: line {n} is not a run record (setting, method, integer seed, config)")
         records[(str(rec["setting"]), str(rec["method"]), int(rec["seed"]))] = rec
     return records
+
+
+def json_lines(path: Path):
+    """``(line number, value)`` of each non-blank line of a JSON-lines file (none if it is absent);
+    a line that is not JSON is an error naming the file and line."""
+    if not path.is_file():
+        return
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: line {n} is not valid JSON") from None
 
 
 def _recorded(r: PlannedRun, records: dict[tuple[str, str, int], dict]) -> dict | None:
