@@ -160,6 +160,7 @@ def test_clean_resizes_a_folder_of_mixed_size_photos_and_says_why(tmp_path, caps
     assert ",size=64x64" in (out / "config.yaml").read_text()
     etas = [line for line in logged.splitlines() if "the phase's" in line]
     assert any("ssl: about" in m for m in etas) and any("warmup: about" in m for m in etas), etas
+    assert len(etas) == len({m.split(":")[0] for m in etas}), etas  # once per phase, not every epoch
     assert len(list(csv.DictReader((out / "labels.csv").open()))) == 32  # 36 less the 10% validation split
 
 

@@ -185,7 +185,8 @@ class Trainer:
         saved_epoch = state["done"] or None  # the epoch the checkpoint on disk ends (None: no checkpoint)
         t_loop, elapsed0 = time.perf_counter(), state["elapsed"]
         evaluated = self._evaluated_epochs()
-        for i in progress(range(state["done"], n), desc=self.cfg.method, unit="epoch"):
+        first = state["done"]
+        for i in progress(range(first, n), desc=self.cfg.method, unit="epoch"):
             spec = schedule[i]
             if spec.supervised and not state["supervised_started"]:
                 # Reseed: supervised training must not depend on whether SSL ran or came from the cache.
@@ -194,7 +195,7 @@ class Trainer:
                 self.method.on_supervised_start()
                 state["supervised_started"] = True
                 state["ssl_knn_test_acc"] = self._ssl_knn()
-            if i == state["done"] or schedule[i - 1].phase != spec.phase:  # a phase starts: say what it will take
+            if i == first or schedule[i - 1].phase != spec.phase:  # a phase starts (or resumes): its ETA
                 left = next((j for j in range(i, n) if schedule[j].phase != spec.phase), n) - i
                 self._eta = (spec.phase, left)
             t0 = time.perf_counter()
