@@ -58,7 +58,11 @@ class RunResult:
         from .detect import DETECTORS
 
         have = self.labels.scores
-        return [name for name in DETECTORS if name in have] + sorted(n for n in have if n not in DETECTORS)
+        def by_k(name: str) -> tuple[str, int]:  # knn_model_k5 before knn_model_k20
+            head, _, k = name.rpartition("_k")
+            return (head, int(k)) if k.isdigit() else (name, 0)
+
+        return [name for name in DETECTORS if name in have] + sorted((n for n in have if n not in DETECTORS), key=by_k)
 
     def predicted(self) -> torch.Tensor:
         """The final model's predicted class per sample (the refined label if the method gives none)."""
