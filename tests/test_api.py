@@ -121,7 +121,8 @@ def test_clean_cli_on_an_imagefolder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "40 training images, 12x12, 3 channel(s), 2 classes" in printed
     assert "settings chosen for this data" in printed and "model.width=8" in printed
-    assert "ranked table:" in printed and "suspected label errors:" in printed
+    assert "ranked table:" in printed and "suspected label errors (flagged):" in printed
+    assert "estimated wrong labels:" in printed
     rows = list(csv.DictReader((out / "labels.csv").open()))
     quality = [float(r["label_quality"]) for r in rows]
     assert quality == sorted(quality) and len(rows) == 36
