@@ -684,7 +684,7 @@ def _accuracy_table(rows: list[dict], settings: list[str], methods: list[str], k
             if c is None:
                 row.append("—")
                 continue
-            txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}"
+            txt = f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}" if c[2] > 1 else f"{100 * c[0]:.2f} (1 seed)"
             if (s, m) in rcells:
                 txt += f" (R {rcells[(s, m)][0]:.2f})"
             if best[s] is not None and c[0] == best[s]:
