@@ -167,9 +167,10 @@ def finish(cfg: RunConfig, out: Path, prep: Prepared, ctx: Context, method, stat
     blob = model_blob(cfg, ctx, method, state, prep.classes, version)
     summary = summary_of(cfg, prep, ctx, state, rep, oracle, t_data, version)
     ssl = getattr(method, "ssl", None) or getattr(getattr(method, "ours", None), "ssl", None)
-    if ssl is not None and ssl.epochs > 0:  # what the SimCLR encoder cost, whether pretrained here or cached
-        summary["ssl_cached"] = bool(ssl.cached)
-        summary["ssl_pretrain_seconds"] = None if ssl.seconds is None else round(float(ssl.seconds), 3)
+    if ssl is not None and ssl.epochs > 0 and ssl.seconds is not None:
+        # What the SimCLR encoder cost, pretrained here (then also the "ssl" phase's seconds) or
+        # read from the cache (no "ssl" phase: the seconds the cache entry recorded).
+        summary["seconds"]["ssl_pretrain"] = round(float(ssl.seconds), 3)
     result = RunResult(summary=summary, labels=rep, ids=list(prep.train.ids), classes=list(prep.classes),
                        given=prep.train.labels, predictor=None, out=out)
     write_labels(out / "labels.csv", result)

@@ -62,8 +62,10 @@ def env(tmp_path):
 
 # ours: ssl 1-3, warmup 4-5, refine it 1: 6-7 (stages 1, 2), it 2: 8-9, finetune 10.
 # dividemix: warmup 1, MixMatch epochs 2-4.
-@pytest.mark.parametrize(("method", "after_lines"), [("ours", 1), ("ours", 4), ("ours", 6), ("dividemix", 2)],
-                         ids=["mid-ssl", "mid-warmup", "between-stages", "mid-dividemix"])
+# A kill mid-SimCLR and mid-DivideMix in the default suite; the other two points (45 s each) are slow.
+@pytest.mark.parametrize(("method", "after_lines"), [
+    ("ours", 1), pytest.param("ours", 4, marks=pytest.mark.slow), pytest.param("ours", 6, marks=pytest.mark.slow),
+    ("dividemix", 2)], ids=["mid-ssl", "mid-warmup", "between-stages", "mid-dividemix"])
 def test_kill_and_resume(method, after_lines, tmp_path, env):
     cfg = _config_file(tmp_path, f"method={method}", "epochs=4")
     full, cut = tmp_path / "full", tmp_path / "cut"

@@ -60,7 +60,7 @@ from .names import _class_list, _short, check_class_names, index_labels, present
 from .registry import COMMON_OPTIONS, SOURCES, SourceKind, SourceRequest, known_kinds, register_source
 from .spec import _parse_bool, _parse_channels, _parse_classes, _parse_size, parse_spec
 
-_SHARED_MODULES = frozenset({"registry", "spec", "names", "files", "plan", "decode"})
+_SHARED_MODULES = frozenset({"registry", "spec", "names", "files", "plan", "decode", "probe"})
 
 
 def _import_kind_modules() -> None:
