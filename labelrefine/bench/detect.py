@@ -387,7 +387,7 @@ def run_detect_suite(suite: DetectSuite, out: str | Path, *, seeds: int = 1, set
     t0 = time.perf_counter()
     for k, u in enumerate(units):
         rec = _recorded(u, records)
-        if rec is not None and not (overwrite and not (u.out / "ours").exists()):
+        if rec is not None:  # recorded with this config: nothing to re-run
             log.info("[%d/%d] %s: recorded", k + 1, len(units), u.label)
             continue
         log.info("[%d/%d] %s: running", k + 1, len(units), u.label)
