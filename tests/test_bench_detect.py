@@ -18,6 +18,7 @@ from labelrefine.bench.detect import (
     DetectSuite,
     detect_suite_from_dict,
     detection_metrics,
+    f1_at_count,
     fold_config,
     run_detect_suite,
 )
@@ -40,6 +41,16 @@ def test_metrics_match_hand_computed_values():
     assert m["f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
     assert m["p_at_errors"] == pytest.approx(2 / 3) and m["p_at_50"] is None
     assert m["labels_before"] == 5 / 8 and m["labels_after"] == 5 / 8  # one fixed, one broken
+
+
+def test_f1_at_a_count_flags_the_lowest_qualities():
+    wrong = np.array([True, True, False, False, False, True, False, False])
+    quality = np.array([0.1, 0.3, 0.2, 0.9, 0.8, 0.95, 0.7, 0.6])  # ranking: 0, 2, 1, 7, ...
+    # 3 lowest: samples 0, 2, 1 -> 2 hits; precision 2/3, recall 2/3
+    assert f1_at_count(wrong, quality, 3) == pytest.approx(2 / 3)
+    assert f1_at_count(wrong, quality, 1) == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+    assert f1_at_count(wrong, quality, 0) == 0.0
+    assert f1_at_count(wrong, quality, 100) == pytest.approx(2 * (3 / 8) / (3 / 8 + 1))  # everything flagged
 
 
 def test_suite_files_and_their_errors():
@@ -94,9 +105,29 @@ def test_a_tiny_detection_suite_end_to_end(tmp_path, monkeypatch):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["detector"] for r in rows} == names
     assert (out / "results.png").is_file()
+    for name in ("self_confidence", "aum", "knn_ssl"):  # F1 at each of ours' estimates (rule 2)
+        f1_at = rec["detectors"][name]["f1_at"]
+        assert set(f1_at) == {k for k in rec["estimated_issues"] if k.startswith("ours_")} >= {"ours_model"}
+        assert f1_at["ours_model"] == pytest.approx(rec["detectors"][name]["f1"])  # the flagged set's count
+    # A record from before f1_at gets it from the unit's runs, nothing trained, nothing else changed.
+    path = out / "detect.jsonl"
+    old = json.loads(path.read_text())
+    for d in old["detectors"].values():
+        d.pop("f1_at", None)
+    path.write_text(json.dumps(old) + "\n")
+    run_detect_suite(suite, out, seeds=1)
+    assert json.loads(path.read_text()) == rec
     # A fresh clone keeps detect.jsonl, not runs/: the unit is recorded and is not run again.
     import shutil
 
     shutil.rmtree(out / "runs")
     again = run_detect_suite(suite, out, seeds=1)
     assert again == done and not (out / "runs").exists()
+
+
+def test_tables_order_detectors_the_same_whatever_the_record_order():
+    from labelrefine.bench.detect import detector_order
+
+    names = ["mean(aum, knn_ssl)", "knn_ssl_k50", "aum", "knn_ssl", "knn_ssl_k5", PRODUCT, CLEANLAB, "self_confidence"]
+    want = [PRODUCT, CLEANLAB, "self_confidence", "aum", "knn_ssl", "knn_ssl_k5", "knn_ssl_k50", "mean(aum, knn_ssl)"]
+    assert detector_order(names) == want and detector_order(reversed(names)) == want

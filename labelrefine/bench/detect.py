@@ -254,6 +254,15 @@ def _cross_validated(prep, cfg: RunConfig, method: str, folds: int, seed: int, o
     return probs / probs.sum(1, keepdims=True), seconds
 
 
+def f1_at_count(wrong: np.ndarray, quality: np.ndarray, count: int) -> float:
+    """F1 of flagging the ``count`` lowest-quality samples (ties: the earlier sample first)."""
+    from ..detect import flag_lowest
+
+    flagged = flag_lowest(torch.from_numpy(np.asarray(quality, dtype=np.float64)), count).numpy()
+    hits, n_err, n_flag = int((flagged & wrong).sum()), int(wrong.sum()), int(flagged.sum())
+    return 2 * hits / (n_err + n_flag) if n_err + n_flag else 0.0
+
+
 def detection_metrics(wrong: np.ndarray, quality: np.ndarray, flagged: np.ndarray, suggested: np.ndarray,
                       given: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
     """The metrics of one detector against the known wrong labels (``wrong``: bool ``(N,)``).
@@ -284,24 +293,11 @@ def detection_metrics(wrong: np.ndarray, quality: np.ndarray, flagged: np.ndarra
     return out
 
 
-def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> dict:
-    """Run (or reuse) a unit's runs and measure every detector; the unit's record."""
-    try:
-        import cleanlab
-        from cleanlab.filter import find_label_issues
-    except ImportError:
-        raise UserError("detection suites need cleanlab: pip install 'labelrefine[bench]' (or pip install cleanlab)") \
-            from None
-    from ..artifacts import cpu_name
-    from ..data.splits import prepare_data
+def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict[str, int], np.ndarray]:
+    """The metrics of ours' detectors from its finished run, the estimated numbers of wrong
+    labels by source, and the wrong-label mask of ``prep.train``."""
     from ..detect import flag_lowest
-    from ..pipeline import code_version, default_cache_dir
 
-    prep = prepare_data(u.cfg, default_cache_dir(u.cfg))
-    if prep.train_clean is None:
-        raise UserError(f"suite {suite.name}, {u.setting.name}: the clean labels are unknown (data.noise=none); "
-                        f"a detection suite needs synthetic noise or a clean column")
-    summary = _ensure_run(u.cfg, u.out / "ours", overwrite=overwrite)
     rows = _read_labels(u.out / "ours" / "labels.csv")
     pos = {sid: i for i, sid in enumerate(prep.train.ids)}
     if len(rows) != len(pos) or any(r["id"] not in pos for r in rows):
@@ -312,37 +308,84 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
     wrong = given != clean
     n = len(given)
 
-    def column(name: str, cast=float) -> np.ndarray:
-        out = np.empty(n, dtype=np.float64 if cast is float else object)
-        out[idx] = [cast(r[name]) for r in rows]
+    def column(name: str) -> np.ndarray:
+        out = np.empty(n, dtype=np.float64)
+        out[idx] = [float(r[name]) for r in rows]
+        return out
+
+    def labels(name: str) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        out[idx] = [classes[r[name]] for r in rows]
         return out
 
     scores = {name: column(name) for name in rows[0] if _is_detector(name)}
-    predicted = np.empty(n, dtype=np.int64)
-    predicted[idx] = [classes[r["predicted_label"]] for r in rows]
-    refined = np.empty(n, dtype=np.int64)
-    refined[idx] = [classes[r["refined_label"]] for r in rows]
+    scores.update({name: np.mean([scores[p] for p in parts], axis=0)
+                   for name, parts in COMBINATIONS.items() if all(p in scores for p in parts)})
+    predicted, refined = labels("predicted_label"), labels("refined_label")
     flagged = np.zeros(n, dtype=bool)
     flagged[idx] = [r["is_label_issue"] == "True" for r in rows]
     n_est = int(summary.get("estimated_label_issues", flagged.sum()))
+    estimates = {f"ours_{k}": v for k, v in (summary.get("estimated_label_issues_by_source") or {}).items()}
     secs = summary["seconds"]
-    ssl_seconds = secs.get("ssl_pretrain") or 0.0
     # A cached encoder's pretraining is not in this run's training time: add what it cost.
-    ours_wall = secs["data"] + secs["total_training"] + (ssl_seconds if "ssl" not in secs else 0.0)
+    cached_ssl = (secs.get("ssl_pretrain") or 0.0) if "ssl" not in secs else 0.0
+    ours_wall = secs["data"] + secs["total_training"] + cached_ssl
 
-    detectors: dict[str, dict] = {}
-    detectors[PRODUCT] = detection_metrics(wrong, column("label_quality"), flagged, refined, given, clean)
+    detectors: dict[str, dict] = {PRODUCT: detection_metrics(wrong, column("label_quality"), flagged, refined,
+                                                             given, clean)}
     for name, q in scores.items():
-        f = flag_lowest(torch.from_numpy(q), n_est).numpy()
-        detectors[name] = detection_metrics(wrong, q, f, predicted, given, clean)
-    for name, parts in COMBINATIONS.items():
-        if all(p in scores for p in parts):
-            q = np.mean([scores[p] for p in parts], axis=0)
-            detectors[name] = detection_metrics(wrong, q, flag_lowest(torch.from_numpy(q), n_est).numpy(),
-                                                predicted, given, clean)
+        detectors[name] = detection_metrics(wrong, q, flag_lowest(torch.from_numpy(q), n_est).numpy(),
+                                            predicted, given, clean)
+        # The flagged set's F1 had the count come from each estimate source (docs/detection.md, rule 2).
+        detectors[name]["f1_at"] = {src: f1_at_count(wrong, q, count) for src, count in estimates.items()}
     for d in detectors.values():
         d["wall_seconds"] = ours_wall
-    estimates = {f"ours_{k}": v for k, v in (summary.get("estimated_label_issues_by_source") or {}).items()}
+    return detectors, estimates, wrong
+
+
+def _backfill(u: Unit, rec: dict) -> bool:
+    """Add ``f1_at`` to a record written before it existed, from the unit's finished ours run
+    (nothing is trained; the record's other fields stay). False when the run is not on disk."""
+    from ..data.splits import prepare_data
+    from ..pipeline import default_cache_dir
+    from ..rundir import FINISHED_MARKER
+
+    if all("f1_at" in d for name, d in rec["detectors"].items() if name not in (PRODUCT, CLEANLAB, CLEANLAB_SSL)):
+        return False
+    path = u.out / "ours" / FINISHED_MARKER
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("config_hash") != config_hash(u.cfg):
+        return False
+    detectors, _, _ = _ours_detectors(u, prepare_data(u.cfg, default_cache_dir(u.cfg)), summary)
+    for name, d in detectors.items():
+        if name in rec["detectors"] and "f1_at" in d:
+            rec["detectors"][name]["f1_at"] = d["f1_at"]
+    return True
+
+
+def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> dict:
+    """Run (or reuse) a unit's runs and measure every detector; the unit's record."""
+    try:
+        import cleanlab
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        raise UserError("detection suites need cleanlab: pip install 'labelrefine[bench]' (or pip install cleanlab)") \
+            from None
+    from ..artifacts import cpu_name
+    from ..data.splits import prepare_data
+    from ..pipeline import code_version, default_cache_dir
+
+    prep = prepare_data(u.cfg, default_cache_dir(u.cfg))
+    if prep.train_clean is None:
+        raise UserError(f"suite {suite.name}, {u.setting.name}: the clean labels are unknown (data.noise=none); "
+                        f"a detection suite needs synthetic noise or a clean column")
+    summary = _ensure_run(u.cfg, u.out / "ours", overwrite=overwrite)
+    detectors, estimates, wrong = _ours_detectors(u, prep, summary)
+    given, clean = prep.train.labels.numpy(), prep.train_clean.numpy()
+    n = len(given)
+    ssl_seconds = summary["seconds"].get("ssl_pretrain") or 0.0
 
     variants = [(CLEANLAB, "ce", u.out / "cleanlab")]
     if suite.cleanlab_ssl:
@@ -389,6 +432,9 @@ def run_detect_suite(suite: DetectSuite, out: str | Path, *, seeds: int = 1, set
         rec = _recorded(u, records)
         if rec is not None:  # recorded with this config: nothing to re-run
             log.info("[%d/%d] %s: recorded", k + 1, len(units), u.label)
+            if _backfill(u, rec):
+                log.info("[%d/%d] %s: added f1_at to its record from its runs", k + 1, len(units), u.label)
+                _write_records(out, records)
             continue
         log.info("[%d/%d] %s: running", k + 1, len(units), u.label)
         records[(u.setting.name, u.seed)] = evaluate_unit(suite, u, overwrite=overwrite)
@@ -438,12 +484,30 @@ CSV_COLUMNS = ["setting", "seed", "detector", "n", "n_errors", "auroc", "auprc",
                "f1", "p_at_errors", *[f"p_at_{k}" for k in KS], "labels_before", "labels_after", "wall_seconds"]
 
 
+def detector_order(names) -> list[str]:
+    """The tables' row order, whatever order a record holds them in: the product, cleanlab,
+    every detector (each followed by its other k), the combinations, then anything else."""
+    from ..detect import DETECTORS
+
+    names = list(dict.fromkeys(names))
+    fixed = [PRODUCT, CLEANLAB, CLEANLAB_SSL, *DETECTORS, *COMBINATIONS]
+
+    def key(name: str) -> tuple[int, int, str]:
+        base = name.split("_k")[0] if name.startswith(("knn_ssl_k", "knn_model_k")) else name
+        if base in fixed:
+            return fixed.index(base), int(name[len(base) + 2:]) if base != name else 0, name
+        return len(fixed), 0, name
+
+    return sorted(names, key=key)
+
+
 def _csv(done: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in done:
-        for name, m in r["detectors"].items():
+        for name in detector_order(r["detectors"]):
+            m = r["detectors"][name]
             row = {"setting": r["setting"], "seed": r["seed"], "detector": name, "n": r["n"], "n_errors": r["n_errors"],
                    **m}
             w.writerow(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
@@ -471,7 +535,7 @@ def _markdown(suite: DetectSuite, units: list[Unit], done: list[dict], *, comman
         recs = [r for r in done if r["setting"] == s.name]
         if not recs:
             continue
-        names = list(dict.fromkeys(n for r in recs for n in r["detectors"]))
+        names = detector_order(n for r in recs for n in r["detectors"])
         rate = np.mean([r["noise_rate"] for r in recs])
         head = " | ".join(h for _, h, _ in METRICS)
         lines += ["", f"## {s.name} ({100 * rate:.1f}% of {recs[0]['n']} training labels wrong; "
@@ -530,7 +594,7 @@ def _chart(suite: DetectSuite, done: list[dict], path: Path) -> None:
     settings = [s.name for s in suite.settings if any(r["setting"] == s.name for r in done)]
     if not settings:
         return
-    names = list(dict.fromkeys(n for r in done for n in r["detectors"]))
+    names = detector_order(n for r in done for n in r["detectors"])
     fig, axes = plt.subplots(1, len(settings), figsize=(4 + 3 * len(settings), 0.35 * len(names) + 1.5), squeeze=False)
     for ax, s in zip(axes[0], settings, strict=True):
         recs = [r for r in done if r["setting"] == s]
