@@ -13,7 +13,8 @@ issue 15's question "what does the machinery around the refinement cost when it 
 nothing?" (augmented copies of confirmed labels, the weighted fine-tune, the schedule) instead of
 the papers' open options. The table gives final noisy-validation accuracy (what a default may be
 chosen by) beside the test accuracies (reported, never used), and each variant minus CE on the
-same SimCLR initialisation, paired over seeds with a 95% interval.
+same SimCLR initialisation, paired over seeds with a 95% interval. ``--variant PREFIX``
+(repeatable) restricts the table to the variants whose name starts with it.
 """
 
 from __future__ import annotations
@@ -115,11 +116,17 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="run only the variants whose name starts with this (repeatable; default: all)")
     args = ap.parse_args()
     make = _config_maker(args, ap)
     out = Path(args.out)
     rows = []
-    for name, overrides in GROUPS[args.group].items():
+    variants = {n: o for n, o in GROUPS[args.group].items()
+                if not args.variant or any(n.startswith(v) for v in args.variant)}
+    if not variants:
+        ap.error(f"--variant matches none of: {'; '.join(GROUPS[args.group])}")
+    for name, overrides in variants.items():
         res: dict[str, list] = {"label_after": [], "pseudo_prec": [], "final": [], "best": [], "before": [],
                                 "changed": [], "val": [], "auto": []}
         for seed in range(args.seeds):
