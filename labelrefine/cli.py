@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .allocator import tune_allocator
 from .errors import TrainingDiverged, UserError
 
 EXIT_USAGE = 2
@@ -398,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.verbose, args.quiet)
+    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from . import distributed as ddp
+from .allocator import tune_allocator
 from .artifacts import RunResult, finish
 from .config import RunConfig, dump_yaml, validate
 from .data import DataSplits
@@ -148,6 +149,7 @@ def _check_resume(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -
 
 
 def _setup_device(cfg: RunConfig) -> torch.device:
+    tune_allocator()
     device = resolve_device(cfg.device)
     if ddp.enabled() and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank())

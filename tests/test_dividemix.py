@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelrefine.config import config_to_dict
+from labelrefine.config import config_to_dict, load_config
 from labelrefine.data.splits import prepare_data
 from labelrefine.engine import Context, EpochSpec, Trainer
 from labelrefine.losses import sharpen
@@ -290,13 +290,15 @@ def test_asymmetric_alias_gets_exactly_the_pairflip_settings(tiny_config, rate):
     assert torch.equal(a.ctx.y, p.ctx.y)  # the same noisy labels too
 
 
-def test_a_mixmatch_epoch_does_the_references_work_and_no_more(tiny_config):
+@pytest.mark.parametrize("micro", [0, 100])  # 100: every forward of 128 or 256 rows in parts
+def test_a_mixmatch_epoch_does_the_references_work_and_no_more(tiny_config, micro):
     """The images each net sees in a MixMatch epoch, counted by forward hooks: per step of net k
     (nl labelled, nu unlabelled), with grad the mixed batch 2nl + 2nu; without grad net k's
     targets on all four views (2nu + 2nl) and the other net's co-guess on 2nu; plus one GMM
     scoring pass per net over the training set. (In CE-epoch units, fwd+bwd = 3 forwards, that
     is 2 x 6f + 2/3 at labelled fraction f: about 10 at f = 0.8, see docs/research/dividemix-cost.md.)"""
-    cfg = tiny_config("method=dividemix", "ssl.epochs=0", "dividemix.warmup_epochs=1", "epochs=2")
+    cfg = tiny_config("method=dividemix", "ssl.epochs=0", "dividemix.warmup_epochs=1", "epochs=2",
+                      f"dividemix.micro_batch={micro}")
     method = get_method("dividemix")(_context(cfg))
     seen = [{"grad": 0, "nograd": 0} for _ in method.sups]
 
@@ -324,3 +326,55 @@ def test_a_mixmatch_epoch_does_the_references_work_and_no_more(tiny_config):
         nl_o, steps_o = logs[f"labelled_net{other + 1}"], logs[f"steps_net{other + 1}"]
         assert seen[k]["nograd"] == (2 * nu + 2 * nl) + n + 2 * bs * steps_o
         assert 0 < nl_o <= n
+
+
+@pytest.mark.parametrize("penalty", ["linear", "real"])
+def test_a_mixmatch_step_in_parts_matches_the_whole_batch(tiny_config, monkeypatch, penalty):
+    """``dividemix.micro_batch`` below the mixed batch's rows: the guesses and the mixed batch run in
+    interleaved parts and the gradients accumulate. With a net whose outputs do not depend on the
+    batch (GroupNorm, no BatchNorm) the parts' ``lx`` and ``lu`` add up to the whole batch's, and
+    with a prior penalty that is a mean over rows one optimizer step ends at the weights of the
+    whole-batch step. The real penalty is taken per part (each part's mean prediction, weighted by
+    its rows): interleaved parts hold rows of all four view sets, so it stays close to the whole's."""
+    import labelrefine.methods.dividemix as dm
+
+    if penalty == "linear":
+        monkeypatch.setattr(dm, "uniform_prior_penalty", lambda logits: logits.float().mean())
+    end = {}
+    for micro in (0, 100):  # a batch of 64: 256 mixed rows, 3 parts of at most 100
+        cfg = tiny_config("method=dividemix", "ssl.epochs=0", "model.backbone=tiny_gn", "epochs=1",
+                          "dividemix.warmup_epochs=0", "dividemix.lambda_u=25", "dividemix.rampup_epochs=0",
+                          f"dividemix.micro_batch={micro}")
+        ctx = _context(cfg)
+        m = DivideMix(ctx)
+        (train,) = m.schedule()
+        m.on_supervised_start()
+        handler = m.handler(train)
+        handler.on_epoch_start(train)
+        p = next(iter(handler.passes(train)))
+        step = p.step(p.batches[0])
+        assert (micro == 0) == isinstance(step, dm.Step)
+        if micro:
+            step.close()  # only the type was checked; the step runs for real below
+        torch.manual_seed(1)
+        ctx.generator.manual_seed(1)
+        logs = Trainer(ctx, m).run_pass(dm.Pass(p.batches[:1], p.learners, p.step))
+        end[micro] = (logs, [q.detach().clone() for q in p.learners[0].model.parameters()])
+    (logs0, w0), (logs1, w1) = end[0], end[100]
+    for key in ("lx", "lu"):
+        assert logs1[key] == pytest.approx(logs0[key], rel=1e-5, abs=1e-7), key
+    if penalty == "linear":
+        assert logs1["penalty"] == pytest.approx(logs0["penalty"], rel=1e-5, abs=1e-7)
+        for a, b in zip(w0, w1, strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    else:
+        assert logs1["penalty"] >= logs0["penalty"] - 1e-6  # Jensen: the mean of the parts' KL terms
+        assert logs1["penalty"] == pytest.approx(logs0["penalty"], abs=0.02)
+
+
+def test_micro_batch_parts():
+    """``ceil(rows / micro_batch)`` parts; none at or below the limit, none when it is 0."""
+    holder = type("H", (), {})()
+    for limit, rows, parts in ((4, 10, 3), (4, 4, 1), (1024, 4096, 4), (1024, 4097, 5), (0, 10_000, 1)):
+        holder.cfg = load_config(None, [f"dividemix.micro_batch={limit}"])
+        assert DivideMix._parts(holder, rows) == parts

@@ -199,3 +199,49 @@ def test_ours_fine_tune_does_not_repeat_the_runs_lr_warmup(tiny_config):
     assert ft.set_lr() == pytest.approx(cfg.optim.lr * 0.5)  # the fine-tune starts at its peak
     ft.progress = 1.0
     assert ft.set_lr() == pytest.approx(cfg.optim.lr * 0.5 * 0.1)
+
+
+# -- gradient accumulation: a step in parts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_step_in_parts_makes_the_one_pass_update(tiny_config, lookahead):
+    """A step function that yields its batch's losses in parts: the Trainer backpropagates each and
+    steps once, so the update is that of the summed loss; the returned Step's logs are recorded."""
+    from labelrefine.engine import Pass, Step, Trainer
+
+    cfg = tiny_config("optim.schedule=constant", f"optim.lookahead={str(lookahead).lower()}")
+    ctx = _ctx(cfg)
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(nn.Linear(5, 3))
+    start = nets[0].weight.detach().clone()
+    one, parts = (Learner(ctx, 10, model=net) for net in nets)  # 10: Lookahead does not finish here
+
+    def whole(batch):
+        loss = nn.functional.cross_entropy(nets[0](x), y, reduction="sum") / 12
+        return Step([loss], {"loss": loss.detach()}, 1)
+
+    def in_parts(batch):
+        total = 0.0
+        for rows in (slice(0, 5), slice(5, 12)):
+            loss = nn.functional.cross_entropy(nets[1](x[rows]), y[rows], reduction="sum") / 12
+            total += float(loss)
+            yield [loss]
+        return Step([torch.tensor(total)], {"loss": total}, 1)
+
+    trainer = Trainer(ctx, method=None)
+    logs = [trainer.run_pass(Pass([0, 1], [learner], step)) for learner, step in ((one, whole), (parts, in_parts))]
+    assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-6)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(nets[0].weight, start)  # it did train
+
+    def non_finite(batch):
+        yield [torch.tensor(float("nan"), requires_grad=True)]
+        return Step([torch.tensor(0.0)], {}, 1)
+
+    with pytest.raises(FloatingPointError):
+        trainer.run_pass(Pass([0], [one], non_finite))

@@ -198,15 +198,27 @@ class Learner:
         """Backward and step, through the fp16 GradScaler when there is one. Data parallel: the
         ``DistributedDataParallel`` wrappers of :attr:`nets` average the gradients over ranks
         during the backward pass."""
+        self.zero_grad()
+        self.backward(loss)
+        self.apply()
+
+    # The three parts of :meth:`step`, for a step whose batch is processed in parts (the Trainer's
+    # gradient accumulation): zero_grad once, backward every part's loss, apply once.
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.lookahead is not None:
             self.lookahead.begin()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients (scaled by the GradScaler when there is one)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def apply(self) -> None:
+        """The optimizer step on the accumulated gradients, then Lookahead."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         if self.lookahead is not None:
             self.lookahead.step(self.progress / self.total_epochs if self.total_epochs > 0 else 1.0)

@@ -11,7 +11,8 @@ composite method that owns the phase) for
    the other in one epoch: two passes). Passes may be produced lazily (a generator), so a pass's
    batches can be drawn after the previous pass has trained;
 3. for every batch, the pass's training step, which returns a :class:`Step`: one loss per
-   learner and the scalars to log. The Trainer does the rest - the lr of every learner, the
+   learner and the scalars to log (or, for a batch processed in parts, a generator of the parts'
+   losses: gradient accumulation, see :class:`Pass`). The Trainer does the rest - the lr of every learner, the
    finite-loss guard, backward and optimizer step (data parallel: DDP's gradient average),
    progress, and the epoch's averages (summed over ranks);
 4. ``on_epoch_end(spec, parts)``: the epoch's logs from the passes' (stage selection, consensus).
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,16 +68,26 @@ class Pass:
     Attributes:
         batches: one item per step, handed to ``step`` (index tensors, or tuples of them).
         learners: stepped in this order at every batch, one loss each; put in train mode first.
-        step: the training step ``step(batch) -> Step``.
+        step: the training step ``step(batch) -> Step``. For a batch too large for one
+            forward-backward it may instead return a generator (gradient accumulation): it yields
+            the losses of each part of the batch (one per learner, adding up to the step's losses),
+            which the Trainer backpropagates at once, and returns the step's :class:`Step` (its
+            ``losses`` the parts' sums, detached, for the record); the learners step once, after
+            the last part.
         desc: the progress bar's label.
         extra_train: other modules to put in train mode (SimCLR's projection head).
     """
 
     batches: Sequence[Any]
     learners: list[Learner]
-    step: Callable[[Any], Step]
+    step: Callable[[Any], Step | Generator[Sequence[torch.Tensor], None, Step]]
     desc: str = "train"
     extra_train: list[torch.nn.Module] = field(default_factory=list)
+
+
+def _check_finite(losses: Sequence[torch.Tensor]) -> None:
+    if not all(bool(torch.isfinite(v)) for v in losses):
+        raise FloatingPointError("non-finite loss")
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -134,10 +145,13 @@ class Trainer:
                 eta = None
             lr = [learner.set_lr() for learner in p.learners][0]
             out = p.step(batch)
-            if not all(bool(torch.isfinite(v)) for v in out.losses):
-                raise FloatingPointError("non-finite loss")
-            for learner, loss in zip(p.learners, out.losses, strict=True):
-                learner.step(loss)
+            if isinstance(out, Step):
+                _check_finite(out.losses)
+                for learner, loss in zip(p.learners, out.losses, strict=True):
+                    learner.step(loss)
+            else:
+                out = self._accumulate(p.learners, out)
+            for learner in p.learners:
                 learner.progress += 1.0 / steps
             for key, value in out.logs.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * out.size
@@ -151,6 +165,28 @@ class Trainer:
             sums = {k: float(v) for k, v in zip(keys, total[:-1], strict=True)}
             count = int(total[-1])
         return {**{k: v / max(count, 1) for k, v in sums.items()}, "lr": lr, "samples": count}
+
+    @staticmethod
+    def _accumulate(learners: list[Learner], parts: Generator[Sequence[torch.Tensor], None, Step]) -> Step:
+        """A step whose batch comes in parts (gradient accumulation): zero the gradients, backpropagate
+        each part's losses as it is yielded (so its graph is freed before the next part is built),
+        then one optimizer step per learner. Returns the generator's :class:`Step`."""
+        for learner in learners:
+            learner.zero_grad()
+        while True:
+            try:
+                losses = next(parts)
+            except StopIteration as stop:
+                out = stop.value
+                break
+            _check_finite(losses)
+            for learner, loss in zip(learners, losses, strict=True):
+                learner.backward(loss)
+        if not isinstance(out, Step):
+            raise TypeError(f"a step generator must return a Step, not {type(out).__name__}")
+        for learner in learners:
+            learner.apply()
+        return out
 
     @staticmethod
     def _log_eta(eta: tuple[str, int], epoch_seconds: float) -> None:

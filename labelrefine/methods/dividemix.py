@@ -261,6 +261,7 @@ class DivideMixConfig:
         "gmm_max_iter": at_least(1),
         "gmm_tol": at_least(0.0),
         "gmm_reg_covar": at_least(0.0),
+        "micro_batch": at_least(0),
     }
     warmup_epochs: int = 10  # CE warmup of both nets (Li et al.: 10 CIFAR-10, 30 CIFAR-100)
     p_threshold: float = 0.5  # GMM clean-probability threshold
@@ -271,6 +272,14 @@ class DivideMixConfig:
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
+    # Rows per forward(-backward) of a MixMatch step's batches (the 4 x batch_size weak views the nets
+    # guess on, the 4 x batch_size mixed rows they train on). A larger batch runs in interleaved parts
+    # (rows j, j + n, j + 2n, ...: each part holds rows of all four view sets) and the mixed parts'
+    # gradients are accumulated; BatchNorm statistics and the prior penalty are then each part's.
+    # 0 = the whole batch at once, as the reference (the default: the parts change what BatchNorm
+    # sees, and that has not been measured). Measured on a 2-core Xeon (airbench width 32): a
+    # 4,096-row forward-backward costs 1.22 s per 1,024 rows against 0.98 s in 1,024-row parts.
+    micro_batch: int = 0
     # Initial weights of both nets. auto = the method's default: random for dividemix, ssl for
     # ours_dividemix. ssl = the SimCLR encoder (each net keeps its own random classifier);
     # refined = the ours model after refinement (ours_dividemix only).
@@ -442,9 +451,11 @@ class DivideMix(Method):
             yield Pass(batches, [self.sups[k]], functools.partial(self._mixmatch_step, k, w, steps),
                        desc=f"dividemix net{k + 1}")
 
-    def _mixmatch_step(self, k: int, w: torch.Tensor, steps: int, batch) -> Step:
+    def _mixmatch_step(self, k: int, w: torch.Tensor, steps: int, batch):
         """One MixMatch step of net ``k``: co-refined and co-guessed targets, mixup, the three losses.
-        Returns per-step values (``size`` 1): the epoch reports their mean over steps."""
+        Returns per-step values (``size`` 1): the epoch reports their mean over steps. A mixed batch
+        of more than ``dividemix.micro_batch`` rows is trained in parts (a generator of their losses:
+        the Trainer accumulates the gradients)."""
         ctx, d = self.ctx, self.cfg.dividemix
         step, lb, ub = batch
         sup, other = self.sups[k], self.sups[1 - k].model
@@ -456,8 +467,8 @@ class DivideMix(Method):
         with torch.no_grad():
             with ctx.autocast():
                 # The training net guesses in train mode (as the reference and MixMatch do).
-                p_self = F.softmax(sup.model(views).float(), dim=1)
-                p_other = F.softmax(other(views[: 2 * nu]).float(), dim=1) if nu else None
+                p_self = F.softmax(self._forward(sup.model, views).float(), dim=1)
+                p_other = F.softmax(self._forward(other, views[: 2 * nu]).float(), dim=1) if nu else None
             parts = []  # targets in the order [x1; x2; u1; u2]
             if nl:
                 onehot = F.one_hot(self.labels[lb], C).float()
@@ -469,6 +480,9 @@ class DivideMix(Method):
             inputs = torch.cat([views[2 * nu:], views[: 2 * nu]])
             all_t = torch.cat(parts)
         mixed_x, mixed_t, _ = mixup(inputs, all_t, d.alpha, generator=ctx.generator)
+        n = self._parts(len(mixed_x))
+        if n > 1:
+            return self._mixmatch_parts(sup, mixed_x, mixed_t, nl, nu, lam_u, n)
         with ctx.autocast():
             logits = sup.nets[0](mixed_x.contiguous(memory_format=ctx.memory_format))
         logits = logits.float()
@@ -479,6 +493,50 @@ class DivideMix(Method):
         loss = lx + lam_u * lu + penalty
         return Step([loss], {"loss": loss.detach(), "lx": lx.detach(), "lu": lu.detach(),
                              "penalty": penalty.detach()}, 1)
+
+    def _parts(self, rows: int) -> int:
+        """How many interleaved parts a batch of ``rows`` rows runs in (``dividemix.micro_batch``)."""
+        limit = self.cfg.dividemix.micro_batch
+        return 1 if limit <= 0 or rows <= limit else math.ceil(rows / limit)
+
+    def _forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``net(x)``, in interleaved parts when ``x`` has more than ``dividemix.micro_batch`` rows."""
+        n = self._parts(len(x))
+        if n == 1:
+            return net(x)
+        out = None
+        for j in range(n):
+            part = net(x[j::n].contiguous(memory_format=self.ctx.memory_format))
+            if out is None:
+                out = part.new_empty((len(x), *part.shape[1:]))
+            out[j::n] = part
+        return out
+
+    def _mixmatch_parts(self, sup: Learner, mixed_x: torch.Tensor, mixed_t: torch.Tensor, nl: int, nu: int,
+                        lam_u: float, n: int):
+        """The mixed batch's loss in ``n`` interleaved parts (rows ``j::n``), each part's share of the
+        whole batch's ``lx`` (a mean over the ``2 nl`` labelled rows) and ``lu`` (a mean over the
+        ``2 nu`` unlabelled rows and the classes) exactly, and of the prior penalty by the part's own
+        mean prediction, weighted by its rows. Yields each part's loss; returns the step's Step."""
+        ctx, C = self.ctx, self.ctx.num_classes
+        rows = len(mixed_x)
+        totals = mixed_x.new_zeros(4, dtype=torch.float32)  # loss, lx, lu, penalty
+        for j in range(n):
+            idx = torch.arange(j, rows, n, device=mixed_x.device)
+            with ctx.autocast():
+                logits = sup.nets[0](mixed_x[idx].contiguous(memory_format=ctx.memory_format))
+            logits, t = logits.float(), mixed_t[idx]
+            zero = logits.new_zeros(())
+            lab = idx < 2 * nl
+            lx = soft_ce(logits[lab], t[lab], reduction="sum") / (2 * nl) if nl else zero
+            unl = ~lab
+            lu = ((F.softmax(logits[unl], dim=1) - t[unl]) ** 2).sum() / (2 * nu * C) if nu else zero
+            penalty = uniform_prior_penalty(logits) * (len(idx) / rows)
+            loss = lx + lam_u * lu + penalty
+            totals += torch.stack([loss, lx, lu, penalty]).detach().float()
+            yield [loss]
+        loss, lx, lu, penalty = totals.unbind()
+        return Step([loss], {"loss": loss, "lx": lx, "lu": lu, "penalty": penalty}, 1)
 
     # -- outputs -------------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
