@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     arg = json.dumps([[int(b) for b in args.batches.split(",")], args.reps, args.threads])
-    print("| allocator | batch | fwd+bwd s | per 1,024 images | page faults | no-grad fwd s | per 1,024 | page faults |")
+    print("| allocator | batch | fwd+bwd s | per 1,024 images | page faults "
+          "| no-grad fwd s | per 1,024 | page faults |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in ("system", "labelrefine"):
         env = {**os.environ, "LABELREFINE_MALLOC": "system" if mode == "system" else ""}
@@ -79,7 +80,8 @@ def main() -> None:
         for r in res["rows"]:
             k = r["batch"] / 1024
             print(f"| {label} | {r['batch']:,} | {r['fwd_bwd_s']:.2f} | {r['fwd_bwd_s'] / k:.2f} | "
-                  f"{r['fwd_bwd_faults']:,.0f} | {r['nograd_s']:.2f} | {r['nograd_s'] / k:.2f} | {r['nograd_faults']:,.0f} |")
+                  f"{r['fwd_bwd_faults']:,.0f} | {r['nograd_s']:.2f} | {r['nograd_s'] / k:.2f} | "
+                  f"{r['nograd_faults']:,.0f} |")
 
 
 if __name__ == "__main__":

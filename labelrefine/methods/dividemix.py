@@ -278,7 +278,7 @@ class DivideMixConfig:
     # gradients are accumulated; BatchNorm statistics and the prior penalty are then each part's.
     # 0 = the whole batch at once, as the reference (the default: the parts change what BatchNorm
     # sees, and that has not been measured). Measured on a 2-core Xeon (airbench width 32): a
-    # 4,096-row forward-backward costs 1.22 s per 1,024 rows against 0.98 s in 1,024-row parts.
+    # 4,096-row forward-backward costs 1.17 s per 1,024 rows, a 1,024-row one 0.95 s.
     micro_batch: int = 0
     # Initial weights of both nets. auto = the method's default: random for dividemix, ssl for
     # ours_dividemix. ssl = the SimCLR encoder (each net keeps its own random classifier);
