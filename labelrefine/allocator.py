@@ -3,14 +3,13 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves every block above its mmap threshold (at
 most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, so each large
 activation of every training step is new memory that the kernel must fault in and zero page by
-page. Measured on a 2-core Intel Xeon VM (airbench net at width 32, forward + backward, train
-mode): 312 thousand page faults a step of 1,024 images and 1.20 s; 1.63 million a step of 4,096
-images and 2.6 s per 1,024 images; the kernel's time, not the model's, grows with the batch.
+page, and the kernel's time, not the model's, grows with the batch.
 
 :func:`tune_allocator` tells glibc (``mallopt``) to serve large blocks from its heap and never to
-trim the heap, so freed blocks are reused: the same steps then took 0.98 s and 1.22 s per 1,024
-images with almost no page faults. The numbers computed do not change (only where the memory
-lives); the cost is that the process keeps its peak heap until it exits. Applied once per
+trim the heap, so freed blocks are reused (measured by ``scripts/allocator_bench.py``, its table in
+docs/research/dividemix-cost.md: a batch-1024 step of the airbench net 1.17 -> 0.95 s on a 2-core
+Xeon). The numbers computed do not change (only where the memory lives); the cost is that the
+process keeps its peak heap until it exits. Applied once per
 process by :func:`labelrefine.pipeline.run` and the CLI, on Linux with glibc only; set
 ``LABELREFINE_MALLOC=system`` to leave the allocator as it is.
 """
