@@ -146,8 +146,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
               f"classes" + (f"; test split {len(data.test)}" if data.test is not None else "; no test split"))
         if chosen:
             print("settings chosen for this data (override with --set KEY=VALUE):")
-            for item, why in chosen:
-                print(f"  {item:<30} {why}")
+            for k, (item, why) in enumerate(chosen):  # a reason shared by a run of items: printed once
+                print(f"  {item:<30} {why if k == 0 or chosen[k - 1][1] != why else ''}".rstrip())
         result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, data=data)
     if result is None:  # a data-parallel rank other than 0: rank 0 reports
         return 0

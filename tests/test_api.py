@@ -101,6 +101,26 @@ def test_auto_settings_depend_on_device_and_channels():
     assert "data.val_fraction=0.05" in gpu
 
 
+def test_auto_settings_choose_the_cpu_profile_by_data_size():
+    """The fast recipe from FAST_PROFILE_MIN_IMAGES images on; each profile resolves to a valid config
+    whose suite twin (detect-cifar10n) it matches."""
+    from labelrefine.api import FAST_PROFILE_MIN_IMAGES
+    from labelrefine.bench.suites import load_suite
+    from labelrefine.config import config_to_dict, load_config
+
+    small = dict(auto_settings(FAST_PROFILE_MIN_IMAGES - 1, (32, 32), 3, "cpu"))
+    large = dict(auto_settings(FAST_PROFILE_MIN_IMAGES, (32, 32), 3, "cpu"))
+    assert "model.width=8" in small and "model.backbone=airbench" not in small
+    assert "model.backbone=airbench" in large and "model.width=32" in large and "model.width=8" not in large
+    assert "the fast recipe" in large["optim.batch_size=1024"]
+    cfg = config_to_dict(load_config(None, list(large)))
+    suite = load_suite("detect-cifar10n").config
+    for section in ("model", "optim", "ssl", "refine", "finetune"):
+        for key, value in suite.get(section, {}).items():
+            assert cfg[section][key] == value, f"{section}.{key}"
+    assert cfg["epochs"] == suite["epochs"]
+
+
 def _folder(root: Path, n_per_class: int = 20) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", n_per_class), ("test", 5)):
