@@ -18,15 +18,22 @@ FIELDS = ("final_test_acc", "best_val_acc", "train_label_acc_after")
 
 
 def _records(path: str) -> dict[tuple, dict]:
-    rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
-    return {(r["method"], r["setting"], r["seed"]): r for r in rows}
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return {(r["method"], r["setting"], r["seed"]): r for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a suite's runs.jsonl ({type(e).__name__}: {e})") from None
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    first, again = _records(argv[0]), _records(argv[1])
+    try:
+        first, again = _records(argv[0]), _records(argv[1])
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
     diff = 0
     for key in sorted(set(first) & set(again), key=str):
         a, b = first[key], again[key]
