@@ -573,19 +573,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_difference(stored: Any, cfg: RunConfig) -> str | None:
+def config_difference(stored: Any, cfg: RunConfig, *, ignore: tuple[str, ...] = ()) -> str | None:
     """The first dotted key where a stored config (``config.yaml`` of an earlier run, as parsed)
     differs from ``cfg``; ``None`` when they are the same run.
 
     A key that ``stored`` lacks counts as the same when ``cfg`` holds that key's default: an option
     added after the run was made defaults to the behaviour from before it existed (the project's
-    rule for new options), so adding one does not make every finished run stale.
+    rule for new options), so adding one does not make every finished run stale. Keys in
+    ``ignore`` are not compared (for example :data:`labelrefine.detect.POST_HOC_KEYS`).
     """
     if not isinstance(stored, dict):
         return "<root>"
     old, new = _flatten(stored), _flatten(config_to_dict(cfg))
     defaults = _flatten(config_to_dict(RunConfig()))
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - set(ignore)):
         if key not in old:
             if new[key] != defaults.get(key, object()):
                 return key

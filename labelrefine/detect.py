@@ -32,6 +32,7 @@ per-class thresholds, counts of confidently mislabelled samples, calibrated to t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -43,6 +44,8 @@ from . import distributed as ddp
 from .config import Range, at_least
 from .errors import UserError, short_repr
 from .knn import knn_votes
+
+log = logging.getLogger("labelrefine")
 
 #: Every detector a run may report, in the order of ``labels.csv``'s score columns.
 DETECTORS = ("self_confidence", "normalized_margin", "stage_confidence", "aum", "knn_ssl", "knn_model")
@@ -209,6 +212,36 @@ def final_scores(logits: torch.Tensor, features: torch.Tensor | None, given: tor
         out["knn_model"] = agree[k]
         out.update({f"knn_model_k{kk}": v for kk, v in agree.items() if kk in (sweep or [])})
     return out
+
+
+#: The ``detect`` options that only choose among what a finished run recorded (which score column
+#: ranks, which estimate sets the flagged count): changing them changes no training and no score,
+#: so the benchmarks reuse runs made with other values and derive the ranking and the flags again
+#: (:func:`select_quality`, :func:`select_flags`). ``knn_k`` and ``knn_k_sweep`` are not among
+#: them: they change the scores a run computes.
+POST_HOC_KEYS = ("detect.score", "detect.combine", "detect.flag", "detect.estimate_from")
+
+
+def select_quality(d: DetectConfig, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``label_quality``: the ``detect.score`` detector of ``scores`` (or the mean of
+    ``detect.combine``); a run that lacks it (no SimCLR phase, no stages) ranks by
+    ``self_confidence``, with a warning."""
+    if d.score == "combined":
+        return combined_quality(scores, tuple(d.combine))
+    if d.score in scores:
+        return scores[d.score]
+    log.warning("detect.score=%s is not available in this run (no SimCLR phase or no stages); "
+                "ranking by self_confidence", d.score)
+    return scores["self_confidence"]
+
+
+def select_flags(d: DetectConfig, quality: torch.Tensor, estimates: dict[str, int],
+                 changed: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``is_label_issue`` and the estimated number of wrong labels: ``detect.flag=refined`` flags
+    the ``changed`` samples (refined label != given), ``estimated`` the ``detect.estimate_from``
+    estimate's count of lowest quality (the model's estimate where a run lacks that source)."""
+    estimated = int(estimates.get(d.estimate_from, estimates["model"]))
+    return (changed.clone() if d.flag == "refined" else flag_lowest(quality, estimated)), estimated
 
 
 @dataclass

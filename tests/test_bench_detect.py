@@ -117,12 +117,32 @@ def test_a_tiny_detection_suite_end_to_end(tmp_path, monkeypatch):
     path.write_text(json.dumps(old) + "\n")
     run_detect_suite(suite, out, seeds=1)
     assert json.loads(path.read_text()) == rec
+    # Other detection defaults (options that only choose among the recorded scores) train
+    # nothing: the product's row is derived again from the runs, the other rows stay.
+    def boom(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr("labelrefine.pipeline.run", boom)
+    posthoc = ["detect.score=aum", "detect.flag=estimated", "detect.estimate_from=model"]
+    new = run_detect_suite(suite, out, seeds=1, user_overrides=posthoc)[0]
+    assert new["config"]["detect"]["score"] == "aum" and new["config"]["detect"]["flag"] == "estimated"
+    product, aum = new["detectors"][PRODUCT], new["detectors"]["aum"]
+    assert product["auprc"] == aum["auprc"] and product["n_flagged"] == new["estimated_issues"]["ours_model"]
+    assert product["f1"] == pytest.approx(aum["f1_at"]["ours_model"])
+    assert {k: v for k, v in new["detectors"].items() if k != PRODUCT} == \
+        {k: v for k, v in rec["detectors"].items() if k != PRODUCT}
+    assert run_detect_suite(suite, out, seeds=1, user_overrides=posthoc)[0] == new  # now recorded as it is
     # A fresh clone keeps detect.jsonl, not runs/: the unit is recorded and is not run again.
     import shutil
 
+    from labelrefine.bench.detect import _refresh, plan_units
+
     shutil.rmtree(out / "runs")
-    again = run_detect_suite(suite, out, seeds=1)
-    assert again == done and not (out / "runs").exists()
+    again = run_detect_suite(suite, out, seeds=1, user_overrides=posthoc)
+    assert again == [new] and not (out / "runs").exists()
+    # ... unless it was made with other detect options: those need the runs, so it runs again
+    unit = plan_units(suite, out, seeds=1)[0]
+    assert _refresh(unit, json.loads(path.read_text())) == "missing"
 
 
 def test_tables_order_detectors_the_same_whatever_the_record_order():

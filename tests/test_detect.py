@@ -186,3 +186,24 @@ def test_the_reports_precision_recall_curve_has_sklearns_average_precision():
     png, ap = precision_recall_png(quality, wrong, quality < 0.1)
     assert png.startswith(b"\x89PNG")
     assert ap == pytest.approx(average_precision_score(wrong.numpy(), -quality.numpy()), abs=1e-9)
+
+
+def test_select_quality_and_flags_follow_the_detect_options():
+    from labelrefine.detect import DetectConfig, select_flags, select_quality
+
+    scores = {"self_confidence": torch.tensor([0.9, 0.1, 0.5, 0.3]), "aum": torch.tensor([0.2, 0.8, 0.6, 0.4]),
+              "knn_ssl": torch.tensor([0.0, 1.0, 0.5, 0.5])}
+    assert torch.equal(select_quality(DetectConfig(score="aum"), scores), scores["aum"])
+    both = select_quality(DetectConfig(score="combined", combine=["aum", "knn_ssl"]), scores)
+    assert torch.allclose(both, torch.tensor([0.1, 0.9, 0.55, 0.45]))
+    # a score the run lacks: self_confidence
+    assert torch.equal(select_quality(DetectConfig(score="stage_confidence"), scores), scores["self_confidence"])
+    changed = torch.tensor([False, True, False, False])
+    estimates = {"model": 2, "mean": 3}
+    flags, n = select_flags(DetectConfig(flag="refined"), scores["aum"], estimates, changed)
+    assert torch.equal(flags, changed) and n == 2
+    flags, n = select_flags(DetectConfig(flag="estimated", estimate_from="mean"), scores["aum"], estimates, changed)
+    assert n == 3 and flags.tolist() == [True, False, True, True]  # the 3 lowest of aum: 0.2, 0.4, 0.6
+    # a run without the SimCLR phase has only the model's estimate
+    _, n = select_flags(DetectConfig(flag="estimated", estimate_from="knn_ssl"), scores["aum"], {"model": 1}, changed)
+    assert n == 1

@@ -175,6 +175,17 @@ def test_config_difference_treats_later_options_at_their_default_as_the_same():
     assert config_difference(None, cfg) == "<root>"
 
 
+def test_config_difference_skips_the_ignored_keys_only():
+    from labelrefine.detect import POST_HOC_KEYS
+
+    stored = config_to_dict(load_config(None, []))
+    other = load_config(None, ["detect.score=aum", "detect.flag=estimated", "detect.estimate_from=mean"])
+    assert config_difference(stored, other) == "detect.estimate_from"
+    assert config_difference(stored, other, ignore=POST_HOC_KEYS) is None
+    # detect.knn_k changes the scores a run computes: never ignored with them
+    assert config_difference(stored, load_config(None, ["detect.knn_k=20"]), ignore=POST_HOC_KEYS) == "detect.knn_k"
+
+
 def test_model_expand_reaches_airbench_and_only_airbench(tiny_config):
     from labelrefine.errors import UserError
 

@@ -62,6 +62,8 @@ from .suites import (
     json_lines,
     paired_difference,
     parse_settings,
+    read_run_config,
+    same_run,
     select_settings,
 )
 
@@ -188,7 +190,7 @@ def load_unit_records(out: Path) -> dict[tuple[str, int], dict]:
 
 def _recorded(u: Unit, records: dict) -> dict | None:
     rec = records.get((u.setting.name, u.seed))
-    return rec if rec is not None and config_difference(rec["config"], u.cfg) is None else None
+    return rec if rec is not None and same_run(rec["config"], u.cfg) else None
 
 
 def unit_status(u: Unit, records: dict) -> str:
@@ -211,7 +213,7 @@ def _ensure_run(cfg: RunConfig, out: Path, *, data=None, overwrite: bool = False
     summary_path = out / FINISHED_MARKER
     if summary_path.is_file():
         done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("config_hash") == config_hash(cfg):
+        if done.get("config_hash") == config_hash(cfg) or same_run(read_run_config(out), cfg):
             return done
         if not overwrite:
             raise UserError(f"{out} holds a run with another config; use --overwrite to run it again")
@@ -296,7 +298,7 @@ def detection_metrics(wrong: np.ndarray, quality: np.ndarray, flagged: np.ndarra
 def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict[str, int], np.ndarray]:
     """The metrics of ours' detectors from its finished run, the estimated numbers of wrong
     labels by source, and the wrong-label mask of ``prep.train``."""
-    from ..detect import flag_lowest
+    from ..detect import flag_lowest, select_flags, select_quality
 
     rows = _read_labels(u.out / "ours" / "labels.csv")
     pos = {sid: i for i, sid in enumerate(prep.train.ids)}
@@ -322,16 +324,20 @@ def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict
     scores.update({name: np.mean([scores[p] for p in parts], axis=0)
                    for name, parts in COMBINATIONS.items() if all(p in scores for p in parts)})
     predicted, refined = labels("predicted_label"), labels("refined_label")
-    flagged = np.zeros(n, dtype=bool)
-    flagged[idx] = [r["is_label_issue"] == "True" for r in rows]
-    n_est = int(summary.get("estimated_label_issues", flagged.sum()))
-    estimates = {f"ours_{k}": v for k, v in (summary.get("estimated_label_issues_by_source") or {}).items()}
+    by_source = summary.get("estimated_label_issues_by_source") or {"model": summary["estimated_label_issues"]}
+    n_est = int(by_source.get(u.cfg.detect.estimate_from, by_source["model"]))
+    estimates = {f"ours_{k}": v for k, v in by_source.items()}
     secs = summary["seconds"]
     # A cached encoder's pretraining is not in this run's training time: add what it cost.
     cached_ssl = (secs.get("ssl_pretrain") or 0.0) if "ssl" not in secs else 0.0
     ours_wall = secs["data"] + secs["total_training"] + cached_ssl
 
-    detectors: dict[str, dict] = {PRODUCT: detection_metrics(wrong, column("label_quality"), flagged, refined,
+    # The product's ranking and flags under the unit's detect options, derived from the recorded
+    # scores the way the run derives them (so a run made with other POST_HOC_KEYS serves as well).
+    tensors = {name: torch.from_numpy(q) for name, q in scores.items()}
+    quality = select_quality(u.cfg.detect, tensors)
+    flagged, _ = select_flags(u.cfg.detect, quality, by_source, torch.from_numpy(refined != given))
+    detectors: dict[str, dict] = {PRODUCT: detection_metrics(wrong, quality.numpy(), flagged.numpy(), refined,
                                                              given, clean)}
     for name, q in scores.items():
         detectors[name] = detection_metrics(wrong, q, flag_lowest(torch.from_numpy(q), n_est).numpy(),
@@ -343,26 +349,29 @@ def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict
     return detectors, estimates, wrong
 
 
-def _backfill(u: Unit, rec: dict) -> bool:
-    """Add ``f1_at`` to a record written before it existed, from the unit's finished ours run
-    (nothing is trained; the record's other fields stay). False when the run is not on disk."""
+def _refresh(u: Unit, rec: dict) -> str:
+    """Bring a unit's record up to date from its finished ours run, training nothing: add
+    ``f1_at`` where it was written before that existed, and derive ours' rows again where it was
+    made with other :data:`~labelrefine.detect.POST_HOC_KEYS` than the unit's (a changed detection
+    default). ``"same"``: nothing to do (or ``f1_at`` missing and the run gone: kept as it is);
+    ``"refreshed"``: updated; ``"missing"``: other detect options and the run is not on disk."""
     from ..data.splits import prepare_data
     from ..pipeline import default_cache_dir
     from ..rundir import FINISHED_MARKER
 
-    if all("f1_at" in d for name, d in rec["detectors"].items() if name not in (PRODUCT, CLEANLAB, CLEANLAB_SSL)):
-        return False
+    ours = [name for name in rec["detectors"] if name not in (PRODUCT, CLEANLAB, CLEANLAB_SSL)]
+    other_options = config_difference(rec["config"], u.cfg) is not None
+    if not other_options and all("f1_at" in rec["detectors"][name] for name in ours):
+        return "same"
     path = u.out / "ours" / FINISHED_MARKER
-    if not path.is_file():
-        return False
+    if not path.is_file() or not same_run(read_run_config(u.out / "ours"), u.cfg):
+        return "missing" if other_options else "same"
     summary = json.loads(path.read_text(encoding="utf-8"))
-    if summary.get("config_hash") != config_hash(u.cfg):
-        return False
-    detectors, _, _ = _ours_detectors(u, prepare_data(u.cfg, default_cache_dir(u.cfg)), summary)
-    for name, d in detectors.items():
-        if name in rec["detectors"] and "f1_at" in d:
-            rec["detectors"][name]["f1_at"] = d["f1_at"]
-    return True
+    detectors, estimates, _ = _ours_detectors(u, prepare_data(u.cfg, default_cache_dir(u.cfg)), summary)
+    rec["detectors"].update(detectors)
+    rec["estimated_issues"] = {**rec.get("estimated_issues", {}), **estimates}
+    rec["config"], rec["config_hash"] = config_to_dict(u.cfg), config_hash(u.cfg)
+    return "refreshed"
 
 
 def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> dict:
@@ -430,12 +439,17 @@ def run_detect_suite(suite: DetectSuite, out: str | Path, *, seeds: int = 1, set
     t0 = time.perf_counter()
     for k, u in enumerate(units):
         rec = _recorded(u, records)
-        if rec is not None:  # recorded with this config: nothing to re-run
+        state = None if rec is None else _refresh(u, rec)
+        if state == "same":  # recorded with this config: nothing to re-run
             log.info("[%d/%d] %s: recorded", k + 1, len(units), u.label)
-            if _backfill(u, rec):
-                log.info("[%d/%d] %s: added f1_at to its record from its runs", k + 1, len(units), u.label)
-                _write_records(out, records)
             continue
+        if state == "refreshed":
+            log.info("[%d/%d] %s: recorded; its detectors derived again from its runs", k + 1, len(units), u.label)
+            _write_records(out, records)
+            continue
+        if state == "missing":
+            log.info("[%d/%d] %s: recorded with other detect options and its runs are gone: running it again",
+                     k + 1, len(units), u.label)
         log.info("[%d/%d] %s: running", k + 1, len(units), u.label)
         records[(u.setting.name, u.seed)] = evaluate_unit(suite, u, overwrite=overwrite)
         _write_records(out, records)

@@ -338,10 +338,21 @@ def json_lines(path: Path):
             raise UserError(f"{path}: line {n} is not valid JSON") from None
 
 
+def same_run(stored: Any, cfg: RunConfig) -> bool:
+    """Whether a stored config (a run's ``config.yaml`` or a record's, as parsed) made the run
+    ``cfg`` asks for: options added since it was written count at their defaults, and the
+    ``detect`` options that only choose among the recorded scores
+    (:data:`labelrefine.detect.POST_HOC_KEYS`) are not compared, so a change of the detection
+    defaults re-runs nothing (a record's own label-issue columns keep the values it was made with)."""
+    from ..detect import POST_HOC_KEYS
+
+    return config_difference(stored, cfg, ignore=POST_HOC_KEYS) is None
+
+
 def _recorded(r: PlannedRun, records: dict[tuple[str, str, int], dict]) -> dict | None:
-    """``r``'s record when it was made with ``r``'s config (options added later at their defaults)."""
+    """``r``'s record when it was made with ``r``'s config (:func:`same_run`)."""
     rec = records.get((r.setting.name, r.method, r.seed))
-    if rec is not None and config_difference(rec["config"], r.cfg) is None:
+    if rec is not None and same_run(rec["config"], r.cfg):
         return rec
     return None
 
@@ -369,21 +380,21 @@ def _status(r: PlannedRun, records: dict[tuple[str, str, int], dict] | None = No
     return "new"
 
 
-def _stored_config(r: PlannedRun) -> dict | None:
-    """The run directory's ``config.yaml``, parsed; ``None`` when it cannot be read or parsed."""
+def read_run_config(out: Path) -> dict | None:
+    """A run directory's ``config.yaml``, parsed; ``None`` when it cannot be read or parsed."""
     try:
-        stored = yaml_load((r.out / "config.yaml").read_text(encoding="utf-8"))
+        stored = yaml_load((out / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return stored if isinstance(stored, dict) else None
 
 
+
 def _same_config(r: PlannedRun) -> bool | None:
-    """Whether the run directory's ``config.yaml`` is ``r``'s config (options added since it was
-    written count at their defaults: :func:`~labelrefine.config.config_difference`); ``None``
+    """Whether the run directory's ``config.yaml`` is ``r``'s config (:func:`same_run`); ``None``
     when the file cannot be read or parsed."""
-    stored = _stored_config(r)
-    return None if stored is None else config_difference(stored, r.cfg) is None
+    stored = read_run_config(r.out)
+    return None if stored is None else same_run(stored, r.cfg)
 
 
 def _check_plan(suite: Suite, out: Path, *, seeds: int, methods: list[str] | None,
@@ -562,7 +573,7 @@ def write_results(suite: Suite, out: Path, runs: list[PlannedRun], failures: dic
         key = (r.setting.name, r.method, r.seed)
         if row["status"] == "ok" and (r.out / FINISHED_MARKER).is_file():  # (a recorded row keeps its record)
             # the config the run was made with (its config.yaml), not today's resolution of it
-            records[key] = {**row, "config": _stored_config(r) or config_to_dict(r.cfg)}
+            records[key] = {**row, "config": read_run_config(r.out) or config_to_dict(r.cfg)}
     write_text(out / RECORDS, "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records.values()))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -27,13 +27,13 @@ from ..detect import (
     DetectConfig,
     Dynamics,
     aum_quality,
-    combined_quality,
     estimate_issue_count,
     final_scores,
-    flag_lowest,
     knn_agreement,
     knn_agreement_sweep,
     knn_label_votes,
+    select_flags,
+    select_quality,
 )
 from ..engine import Context, EpochSpec, Learner
 from ..errors import UserError, short_repr
@@ -378,20 +378,12 @@ class Ours(Method):
         (default: the final model's p(given label)); flagged: ``detect.flag``."""
         d = self.cfg.detect
         scores, probs = self.detector_scores()
-        if d.score == "combined":
-            quality = combined_quality(scores, tuple(d.combine))
-        elif d.score in scores:
-            quality = scores[d.score]
-        else:
-            log.warning("detect.score=%s is not available in this run (no SimCLR phase or no stages); "
-                        "ranking by self_confidence", d.score)
-            quality = scores["self_confidence"]
+        quality = select_quality(d, scores)
         sources = {"model": probs}
         if self.ssl_votes is not None:
             sources.update(knn_ssl=self.ssl_votes, mean=(probs + self.ssl_votes) / 2)
         estimates = {k: estimate_issue_count(v, self.given, self.ctx.num_classes) for k, v in sources.items()}
-        estimated = estimates.get(d.estimate_from, estimates["model"])  # no SimCLR phase: the model's
-        flagged = self.labels != self.given if d.flag == "refined" else flag_lowest(quality, estimated)
+        flagged, estimated = select_flags(d, quality, estimates, self.labels != self.given)
         return LabelReport(self.labels.clone(), quality, flagged, self.n_stages.clone(),
                            predicted_label=probs.argmax(1), scores=scores, estimated_issues=estimated,
                            estimates=estimates)
