@@ -25,6 +25,11 @@ def _records(path: str) -> dict[tuple, dict]:
         raise SystemExit(f"{path}: not a suite's runs.jsonl ({type(e).__name__}: {e})") from None
 
 
+def _minutes(rec: dict) -> str:
+    secs = rec.get("seconds_total")
+    return "?" if not isinstance(secs, (int, float)) else f"{secs / 60:.1f}"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
@@ -40,7 +45,7 @@ def main(argv: list[str]) -> int:
         bad = [f"{f} {a.get(f)} -> {b.get(f)}" for f in FIELDS if a.get(f) != b.get(f)]
         diff += bool(bad)
         print(" / ".join(map(str, key)), "DIFF " + "; ".join(bad) if bad else "SAME",
-              f"({a['seconds_total'] / 60:.1f} -> {b['seconds_total'] / 60:.1f} min)")
+              f"({_minutes(a)} -> {_minutes(b)} min)")
     print(f"{len(set(first) & set(again))} compared, {diff} differ; "
           f"{len(set(first) - set(again))} not re-made yet")
     return 1 if diff else 0

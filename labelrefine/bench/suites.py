@@ -389,7 +389,6 @@ def read_run_config(out: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
-
 def _same_config(r: PlannedRun) -> bool | None:
     """Whether the run directory's ``config.yaml`` is ``r``'s config (:func:`same_run`); ``None``
     when the file cannot be read or parsed."""
