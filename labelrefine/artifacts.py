@@ -115,6 +115,11 @@ def model_blob(cfg: RunConfig, ctx: Context, method, state: dict, classes: list[
             "config": config_to_dict(cfg), "code_version": version}
 
 
+def utc_now() -> str:
+    """The time now, as results record it (``2026-12-05T13:00:00Z``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows: a run's speed and its
     exact numbers depend on it."""
@@ -151,7 +156,7 @@ def summary_of(cfg: RunConfig, prep: Prepared, ctx: Context, state: dict, rep: L
                     "total_training": round(state["elapsed"], 3)},
         "config_hash": config_hash(cfg), "code_version": version,
         "torch": torch.__version__, "device": str(ctx.device), "cpu": cpu_name(),
-        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished_at": utc_now(),
     }
     if oracle is not None:
         summary.update(oracle.final_metrics(rep.refined_label, rep.is_label_issue))

@@ -144,7 +144,14 @@ def test_a_run_writes_every_detector_and_cleanlabs_columns(tiny_config, tmp_path
     for name in detect.DETECTORS:
         vals = [float(r[name]) for r in rows]
         assert all(0.0 <= v <= 1.0 for v in vals), name
-    assert [float(r["label_quality"]) for r in rows] == [float(r["self_confidence"]) for r in rows]  # the default
+    default = detect.DetectConfig()  # the defaults rank and flag
+    assert [float(r["label_quality"]) for r in rows] == [float(r[default.score]) for r in rows]
+    flagged = sum(r["is_label_issue"] == "True" for r in rows)
+    if default.flag == "estimated":
+        assert flagged == res.summary["estimated_label_issues_by_source"][default.estimate_from]
+        assert all(r["is_label_issue"] == "True" for r in rows[:flagged])  # the lowest quality first
+    else:
+        assert flagged == sum(r["refined_label"] != r["given_label"] for r in rows)
     table = res.label_table()
     assert set(table.columns) >= CLEANLAB_COLUMNS and list(table.columns) == list(rows[0])
     assert res.summary["estimated_label_issues"] >= 0

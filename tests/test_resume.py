@@ -75,6 +75,26 @@ def test_resume_refuses_other_config(tiny_config, tmp_path):
         run(tiny_config("method=ce", "epochs=2"), tmp_path / "out", resume=True)
 
 
+@pytest.mark.parametrize("at", [1, 6])  # stopped before its first checkpoint; after one
+def test_resume_with_other_detect_options(at, tiny_config, tmp_path, monkeypatch):
+    """detect.score/combine/flag/estimate_from only choose among the scores a run records: a run
+    resumes under others (a changed default, say) and ends as one made with them from the start."""
+    base = ("method=ours", "ssl.epochs=2", "ssl.cache=false")
+    other = tiny_config(*base, "detect.score=aum", "detect.flag=estimated", "detect.estimate_from=mean")
+    run(other, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "ours", at)
+        with pytest.raises(_Stop):
+            run(tiny_config(*base, "detect.score=self_confidence", "detect.flag=refined"), tmp_path / "cut")
+    run(other, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "labels.csv").read_bytes() == (tmp_path / "full" / "labels.csv").read_bytes()
+    assert (tmp_path / "cut" / "config.yaml").read_bytes() == (tmp_path / "full" / "config.yaml").read_bytes()
+    # detect.knn_k changes the scores a run computes: still refused
+    with pytest.raises(UserError, match="another config"):
+        run(tiny_config(*base, "detect.score=aum", "detect.flag=estimated", "detect.estimate_from=mean",
+                        "detect.knn_k=3"), tmp_path / "cut", resume=True)
+
+
 def test_resume_without_checkpoint(tiny_config, tmp_path):
     # A directory that does not exist was never claimed by a run (a typo?): refused, not created.
     with pytest.raises(UserError, match="no run to resume"):

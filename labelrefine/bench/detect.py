@@ -355,8 +355,9 @@ def _refresh(u: Unit, rec: dict) -> str:
     made with other :data:`~labelrefine.detect.POST_HOC_KEYS` than the unit's (a changed detection
     default). ``"same"``: nothing to do (or ``f1_at`` missing and the run gone: kept as it is);
     ``"refreshed"``: updated; ``"missing"``: other detect options and the run is not on disk."""
+    from ..artifacts import utc_now
     from ..data.splits import prepare_data
-    from ..pipeline import default_cache_dir
+    from ..pipeline import code_version, default_cache_dir
     from ..rundir import FINISHED_MARKER
 
     ours = [name for name in rec["detectors"] if name not in (PRODUCT, CLEANLAB, CLEANLAB_SSL)]
@@ -371,6 +372,8 @@ def _refresh(u: Unit, rec: dict) -> str:
     rec["detectors"].update(detectors)
     rec["estimated_issues"] = {**rec.get("estimated_issues", {}), **estimates}
     rec["config"], rec["config_hash"] = config_to_dict(u.cfg), config_hash(u.cfg)
+    # The run (and its code_version / finished_at) is as made; say what derived the rows again.
+    rec["refreshed"] = {"code_version": code_version(), "at": utc_now()}
     return "refreshed"
 
 
@@ -382,7 +385,7 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
     except ImportError:
         raise UserError("detection suites need cleanlab: pip install 'labelrefine[bench]' (or pip install cleanlab)") \
             from None
-    from ..artifacts import cpu_name
+    from ..artifacts import cpu_name, utc_now
     from ..data.splits import prepare_data
     from ..pipeline import code_version, default_cache_dir
 
@@ -410,14 +413,12 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
         detectors[name] = detection_metrics(wrong, probs[np.arange(n), given], f, probs.argmax(1), given, clean)
         detectors[name]["wall_seconds"] = seconds + (ssl_seconds if method == "ce_ssl" else 0.0)
         estimates[method] = int(f.sum())
-    from datetime import datetime, timezone
-
     return {"setting": u.setting.name, "seed": u.seed, "config": config_to_dict(u.cfg),
             "config_hash": config_hash(u.cfg),
             "n": n, "n_errors": int(wrong.sum()), "noise_rate": float(wrong.mean()), "estimated_issues": estimates,
             "detectors": detectors, "ssl_pretrain_seconds": ssl_seconds, "cpu": cpu_name(),
             "device": summary.get("device"), "torch": torch.__version__, "cleanlab": cleanlab.__version__,
-            "code_version": code_version(), "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "code_version": code_version(), "finished_at": utc_now(),
             "folds": suite.folds}
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from .. import distributed as ddp
 from ..config import RunConfig, config_difference, config_hash, config_to_dict, dump_yaml, yaml_load
+from ..detect import POST_HOC_KEYS
 from ..errors import UserError
 from ..io import write_bytes, write_error
 from ..store import StoreError
@@ -91,7 +92,8 @@ def check_config_file(out: Path, cfg: RunConfig, *, must_match: bool) -> None:
     if text == dump_yaml(cfg):
         return
     try:
-        key = config_difference(yaml_load(text), cfg)
+        # The detect options that only choose among the scores a run records may change.
+        key = config_difference(yaml_load(text), cfg, ignore=POST_HOC_KEYS)
     except yaml.YAMLError:
         key = "<not valid YAML>"
     if key is not None:
@@ -137,7 +139,8 @@ def load(path: Path, cfg: RunConfig) -> dict:
     if not isinstance(ckpt, dict) or not {"config_hash", "schedule", "method", "rng", "engine"} <= set(ckpt):
         raise UserError(f"checkpoint {path} is not a labelrefine checkpoint (its fields are missing); "
                         f"delete it or use --overwrite")
-    if ckpt.get("config_hash") != config_hash(cfg) and config_difference(ckpt.get("config"), cfg) is not None:
+    if (ckpt.get("config_hash") != config_hash(cfg)
+            and config_difference(ckpt.get("config"), cfg, ignore=POST_HOC_KEYS) is not None):
         raise UserError(f"checkpoint {path} was written with another config (hash {ckpt.get('config_hash')}, "
                         f"now {config_hash(cfg)}); resume with the same config or use --overwrite")
     return ckpt
