@@ -28,6 +28,10 @@ ascending sort ranks suspected errors first (``labels.csv``). The scores a run c
 class probabilities with the confident joint of Northcutt et al. (JAIR 2021, sections 3.1-3.2):
 per-class thresholds, counts of confidently mislabelled samples, calibrated to the class sizes.
 :func:`flag_lowest` flags that many samples, lowest quality first.
+
+The defaults (:class:`DetectConfig`): rank by ``aum``; flag the lowest-quality samples, as many as
+the confident joint estimates from the mean of the final model's probabilities and the SimCLR kNN
+votes. Chosen once from the detection suites by the rule of docs/detection.md.
 """
 
 from __future__ import annotations
@@ -249,16 +253,18 @@ class DetectConfig:
     """The ``detect`` config section: which detector ranks ``labels.csv`` and what is flagged."""
 
     RANGES: ClassVar[dict[str, Range]] = {"knn_k": at_least(1), "knn_k_sweep": at_least(1)}
+    # The defaults of score, flag and estimate_from were chosen once by the rule of
+    # docs/detection.md from the detection suites' records (scripts/choose_detection_defaults.py).
     # label_quality (the ranking): one of DETECTORS, or "combined" (the mean of detect.combine).
     score: Literal["self_confidence", "normalized_margin", "stage_confidence", "aum", "knn_ssl", "knn_model",
-                   "combined"] = "self_confidence"
+                   "combined"] = "aum"
     combine: list[str] = field(default_factory=lambda: ["self_confidence", "knn_ssl"])
     # is_label_issue: the samples whose refined label differs from the given one, or the
     # estimated number of wrong labels (confident joint) of lowest quality.
-    flag: Literal["refined", "estimated"] = "refined"
+    flag: Literal["refined", "estimated"] = "estimated"
     # The class probabilities the confident joint reads: the final model's, the SimCLR kNN
     # votes (out of sample: a sample never votes for itself), or their mean.
-    estimate_from: Literal["model", "knn_ssl", "mean"] = "model"
+    estimate_from: Literal["model", "knn_ssl", "mean"] = "mean"
     knn_k: int = KNN_K  # neighbours of the kNN detectors
     # Benchmarks: also report the kNN agreements at these k (columns knn_ssl_k<K>, knn_model_k<K>).
     knn_k_sweep: list[int] = field(default_factory=list)

@@ -162,7 +162,8 @@ def test_tiny_suite_end_to_end_then_cached(tmp_path, monkeypatch):
     # ... but a record made with another config is not used: that run is planned again
     assert "new" in bench.dry_run(suite, out, user_overrides=["optim.lr=0.07"]).split()
     # ... while the detect options that only choose among recorded scores change no training
-    assert "new" not in bench.dry_run(suite, out, user_overrides=["detect.score=aum", "detect.flag=estimated"]).split()
+    posthoc = ["detect.score=self_confidence", "detect.flag=refined"]
+    assert "new" not in bench.dry_run(suite, out, user_overrides=posthoc).split()
 
 
 def test_a_partial_invocation_runs_its_part_and_keeps_the_whole_table(tmp_path, monkeypatch):

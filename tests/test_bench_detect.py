@@ -22,6 +22,7 @@ from labelrefine.bench.detect import (
     fold_config,
     run_detect_suite,
 )
+from labelrefine.detect import DetectConfig
 from labelrefine.errors import UserError
 
 
@@ -108,7 +109,8 @@ def test_a_tiny_detection_suite_end_to_end(tmp_path, monkeypatch):
     for name in ("self_confidence", "aum", "knn_ssl"):  # F1 at each of ours' estimates (rule 2)
         f1_at = rec["detectors"][name]["f1_at"]
         assert set(f1_at) == {k for k in rec["estimated_issues"] if k.startswith("ours_")} >= {"ours_model"}
-        assert f1_at["ours_model"] == pytest.approx(rec["detectors"][name]["f1"])  # the flagged set's count
+        # the flagged set's count: the estimate detect.estimate_from names (the default)
+        assert f1_at[f"ours_{DetectConfig().estimate_from}"] == pytest.approx(rec["detectors"][name]["f1"])
     # A record from before f1_at gets it from the unit's runs, nothing trained, nothing else changed.
     path = out / "detect.jsonl"
     old = json.loads(path.read_text())
@@ -116,21 +118,30 @@ def test_a_tiny_detection_suite_end_to_end(tmp_path, monkeypatch):
         d.pop("f1_at", None)
     path.write_text(json.dumps(old) + "\n")
     run_detect_suite(suite, out, seeds=1)
-    assert json.loads(path.read_text()) == rec
+    refreshed = json.loads(path.read_text())
+    assert set(refreshed.pop("refreshed")) == {"code_version", "at"}  # what derived it again, and when
+    assert refreshed == rec
     # Other detection defaults (options that only choose among the recorded scores) train
     # nothing: the product's row is derived again from the runs, the other rows stay.
     def boom(*a, **k):
         raise AssertionError("a finished run was run again")
 
     monkeypatch.setattr("labelrefine.pipeline.run", boom)
-    posthoc = ["detect.score=aum", "detect.flag=estimated", "detect.estimate_from=model"]
+    posthoc = ["detect.score=self_confidence", "detect.flag=estimated", "detect.estimate_from=model"]
     new = run_detect_suite(suite, out, seeds=1, user_overrides=posthoc)[0]
-    assert new["config"]["detect"]["score"] == "aum" and new["config"]["detect"]["flag"] == "estimated"
-    product, aum = new["detectors"][PRODUCT], new["detectors"]["aum"]
-    assert product["auprc"] == aum["auprc"] and product["n_flagged"] == new["estimated_issues"]["ours_model"]
-    assert product["f1"] == pytest.approx(aum["f1_at"]["ours_model"])
-    assert {k: v for k, v in new["detectors"].items() if k != PRODUCT} == \
-        {k: v for k, v in rec["detectors"].items() if k != PRODUCT}
+    assert new["config"]["detect"]["score"] == "self_confidence" and new["config"]["detect"]["flag"] == "estimated"
+    assert new["refreshed"]["code_version"] and new["code_version"] == rec["code_version"]  # the run's, as made
+    product, sc = new["detectors"][PRODUCT], new["detectors"]["self_confidence"]
+    assert product["auprc"] == sc["auprc"] and product["n_flagged"] == new["estimated_issues"]["ours_model"]
+    assert product["f1"] == pytest.approx(sc["f1_at"]["ours_model"])
+    for name, row in new["detectors"].items():
+        if name in (CLEANLAB, CLEANLAB_SSL):  # cleanlab's rows are as recorded
+            assert row == rec["detectors"][name]
+        elif name != PRODUCT:  # ours' rankings stay; their flagged sets now count detect.estimate_from's estimate
+            assert {k: row[k] for k in ("auroc", "auprc", "f1_at")} == \
+                {k: rec["detectors"][name][k] for k in ("auroc", "auprc", "f1_at")}
+            assert row["n_flagged"] == new["estimated_issues"]["ours_model"]
+            assert row["f1"] == pytest.approx(row["f1_at"]["ours_model"])
     assert run_detect_suite(suite, out, seeds=1, user_overrides=posthoc)[0] == new  # now recorded as it is
     # A fresh clone keeps detect.jsonl, not runs/: the unit is recorded and is not run again.
     import shutil

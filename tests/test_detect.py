@@ -207,7 +207,7 @@ def test_select_quality_and_flags_follow_the_detect_options():
     assert torch.equal(select_quality(DetectConfig(score="stage_confidence"), scores), scores["self_confidence"])
     changed = torch.tensor([False, True, False, False])
     estimates = {"model": 2, "mean": 3}
-    flags, n = select_flags(DetectConfig(flag="refined"), scores["aum"], estimates, changed)
+    flags, n = select_flags(DetectConfig(flag="refined", estimate_from="model"), scores["aum"], estimates, changed)
     assert torch.equal(flags, changed) and n == 2
     flags, n = select_flags(DetectConfig(flag="estimated", estimate_from="mean"), scores["aum"], estimates, changed)
     assert n == 3 and flags.tolist() == [True, False, True, True]  # the 3 lowest of aum: 0.2, 0.4, 0.6

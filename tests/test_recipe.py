@@ -179,7 +179,7 @@ def test_config_difference_skips_the_ignored_keys_only():
     from labelrefine.detect import POST_HOC_KEYS
 
     stored = config_to_dict(load_config(None, []))
-    other = load_config(None, ["detect.score=aum", "detect.flag=estimated", "detect.estimate_from=mean"])
+    other = load_config(None, ["detect.score=self_confidence", "detect.flag=refined", "detect.estimate_from=model"])
     assert config_difference(stored, other) == "detect.estimate_from"
     assert config_difference(stored, other, ignore=POST_HOC_KEYS) is None
     # detect.knn_k changes the scores a run computes: never ignored with them

@@ -375,7 +375,8 @@ class Ours(Method):
 
     def label_report(self) -> LabelReport:
         """Refined label = the final training label; quality = the ``detect.score`` detector
-        (default: the final model's p(given label)); flagged: ``detect.flag``."""
+        (default: ``aum``); flagged: ``detect.flag`` (default: the ``detect.estimate_from``
+        estimate's count of lowest quality)."""
         d = self.cfg.detect
         scores, probs = self.detector_scores()
         quality = select_quality(d, scores)
