@@ -77,7 +77,7 @@ def product_table(settings: dict[str, list[dict]]) -> list[str]:
             f"| {_diff(col(PRODUCT, 'auprc'), col(CLEANLAB, 'auprc'))} "
             f"| {_cell(col(PRODUCT, 'f1'))} / {_cell(col(CLEANLAB, 'f1'))} "
             f"| {_cell(col(PRODUCT, 'p_at_errors'), 1, 100)} / {_cell(col(CLEANLAB, 'p_at_errors'), 1, 100)} "
-            f"| {_cell(wall[0], 1)} / {_cell(wall[1], 1)} |")
+            f"| {_cell(wall[0], 2)} / {_cell(wall[1], 2)} |")
     return lines
 
 
