@@ -154,13 +154,14 @@ def cmd_clean(args: argparse.Namespace) -> int:
     summary, rep = result.summary, result.labels
     n = len(result.ids)
     flagged = [i for i in result.order() if bool(rep.is_label_issue[i])]
+    suggested = rep.suggested(result.given)
     if rep.estimated_issues is not None:
         print(f"estimated wrong labels: {rep.estimated_issues} of {n} ({rep.estimated_issues / max(n, 1):.1%}, "
               f"the confident joint's estimate of the noise rate)")
     print(f"suspected label errors (flagged): {len(flagged)} of {n} ({len(flagged) / max(n, 1):.1%})")
     for i in flagged[: args.show]:
         print(f"  {result.ids[i]}: given {result.classes[int(result.given[i])]!r}, suggested "
-              f"{result.classes[int(rep.refined_label[i])]!r} (label quality {float(rep.label_quality[i]):.3f})")
+              f"{result.classes[int(suggested[i])]!r} (label quality {float(rep.label_quality[i]):.3f})")
     if summary.get("final_test_acc") is not None:
         print(f"test accuracy (final epoch): {summary['final_test_acc']:.4f}; at the best noisy-val epoch: "
               f"{summary['best_val_test_acc']:.4f}")

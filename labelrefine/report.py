@@ -328,7 +328,7 @@ def _gallery_section(rep: LabelReport, given: torch.Tensor, classes: list[str], 
         body = ("<p>The method flagged no training label as a likely error, so there is nothing to show."
                 if n_flagged == 0 else "<p>The gallery is switched off (top_k = 0).") + "</p>"
         return f'<section id="gallery"><h2>Suspected label errors</h2>{body}</section>'
-    refined = rep.refined_label.cpu()
+    refined = rep.suggested(given).cpu()
     quality = rep.label_quality.cpu()
     idx = torch.tensor(shown, dtype=torch.long)
     if predict_logits is not None:

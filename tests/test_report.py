@@ -111,7 +111,9 @@ def test_report_of_a_tiny_run(tiny_config, tmp_path):
         assert im.size == (96, 96)  # 8×8 digits enlarged 12× with nearest-neighbour
         assert fig["spans"]["sid"] == row["id"]
         assert fig["spans"]["given"] == f"given: {row['given_label']}"
-        assert fig["spans"]["suggested"] == f"suggested: {row['refined_label']}"
+        # the refined label where it changed, else the model's prediction
+        want = row["refined_label"] if row["refined_label"] != row["given_label"] else row["predicted_label"]
+        assert fig["spans"]["suggested"] == f"suggested: {want}"
         name, value = fig["spans"]["conf"].split(": ")
         assert name == "p(suggested)" and 0.0 <= float(value) <= 1.0
 
@@ -213,3 +215,14 @@ def test_every_declared_phase_has_its_own_colour():
     assert declared <= set(colors)
     assert all(colors[p] == c for p, c in FIXED_PHASE_COLORS.items())
     assert len({colors[p] for p in declared}) == len(declared)
+
+
+def test_the_suggested_label_is_the_refined_one_where_it_changed_else_the_models():
+    given = torch.tensor([0, 1, 2, 0])
+    refined = torch.tensor([1, 1, 2, 0])  # sample 0 refined; 1-3 kept their label
+    predicted = torch.tensor([2, 0, 2, 1])  # the model disagrees on 1 and 3
+    rep = LabelReport(refined, torch.rand(4), torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
+                      predicted_label=predicted)
+    assert rep.suggested(given).tolist() == [1, 0, 2, 1]
+    rep.predicted_label = None  # a method that gives no prediction: its refined label
+    assert rep.suggested(given).tolist() == refined.tolist()

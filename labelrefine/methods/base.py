@@ -41,6 +41,15 @@ class LabelReport:
     estimated_issues: int | None = None
     estimates: dict[str, int] = field(default_factory=dict)
 
+    def suggested(self, given: torch.Tensor) -> torch.Tensor:
+        """The label to suggest for each sample: the refined label where it differs from the given
+        one, else the final model's prediction (a sample flagged by its score whose refined label
+        stayed the given one gets the model's class, not its own label back)."""
+        if self.predicted_label is None:
+            return self.refined_label
+        given = given.to(self.refined_label.device)
+        return torch.where(self.refined_label != given, self.refined_label, self.predicted_label)
+
     def cpu(self) -> LabelReport:
         def move(v):
             if isinstance(v, torch.Tensor):
