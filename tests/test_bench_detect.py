@@ -121,6 +121,16 @@ def test_a_tiny_detection_suite_end_to_end(tmp_path, monkeypatch):
     refreshed = json.loads(path.read_text())
     assert set(refreshed.pop("refreshed")) == {"code_version", "at"}  # what derived it again, and when
     assert refreshed == rec
+    # A record derived by an older DERIVATION (before it was recorded) is derived again, to the same rows here.
+    from labelrefine.bench.detect import DERIVATION
+
+    assert rec["derivation"] == DERIVATION
+    stale = dict(rec)
+    del stale["derivation"]
+    path.write_text(json.dumps(stale) + "\n")
+    run_detect_suite(suite, out, seeds=1)
+    again = json.loads(path.read_text())
+    assert again.pop("refreshed") and again == rec
     # Other detection defaults (options that only choose among the recorded scores) train
     # nothing: the product's row is derived again from the runs, the other rows stay.
     def boom(*a, **k):

@@ -295,6 +295,12 @@ def detection_metrics(wrong: np.ndarray, quality: np.ndarray, flagged: np.ndarra
     return out
 
 
+#: How ours' rows are derived from a finished run; a record derived otherwise is derived again
+#: from its runs where they are on disk (2: the product's suggested label is the refined label
+#: where it changed, else the model's prediction, as ``labelrefine clean`` suggests).
+DERIVATION = 2
+
+
 def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict[str, int], np.ndarray]:
     """The metrics of ours' detectors from its finished run, the estimated numbers of wrong
     labels by source, and the wrong-label mask of ``prep.train``."""
@@ -337,7 +343,8 @@ def _ours_detectors(u: Unit, prep, summary: dict) -> tuple[dict[str, dict], dict
     tensors = {name: torch.from_numpy(q) for name, q in scores.items()}
     quality = select_quality(u.cfg.detect, tensors)
     flagged, _ = select_flags(u.cfg.detect, quality, by_source, torch.from_numpy(refined != given))
-    detectors: dict[str, dict] = {PRODUCT: detection_metrics(wrong, quality.numpy(), flagged.numpy(), refined,
+    suggested = np.where(refined != given, refined, predicted)  # LabelReport.suggested
+    detectors: dict[str, dict] = {PRODUCT: detection_metrics(wrong, quality.numpy(), flagged.numpy(), suggested,
                                                              given, clean)}
     for name, q in scores.items():
         detectors[name] = detection_metrics(wrong, q, flag_lowest(torch.from_numpy(q), n_est).numpy(),
@@ -353,7 +360,8 @@ def _refresh(u: Unit, rec: dict) -> str:
     """Bring a unit's record up to date from its finished ours run, training nothing: add
     ``f1_at`` where it was written before that existed, and derive ours' rows again where it was
     made with other :data:`~labelrefine.detect.POST_HOC_KEYS` than the unit's (a changed detection
-    default). ``"same"``: nothing to do (or ``f1_at`` missing and the run gone: kept as it is);
+    default) or by another :data:`DERIVATION`. ``"same"``: nothing to do (or only ``f1_at`` or the
+    derivation out of date and the run gone: kept as it is);
     ``"refreshed"``: updated; ``"missing"``: other detect options and the run is not on disk."""
     from ..artifacts import utc_now
     from ..data.splits import prepare_data
@@ -362,7 +370,8 @@ def _refresh(u: Unit, rec: dict) -> str:
 
     ours = [name for name in rec["detectors"] if name not in (PRODUCT, CLEANLAB, CLEANLAB_SSL)]
     other_options = config_difference(rec["config"], u.cfg) is not None
-    if not other_options and all("f1_at" in rec["detectors"][name] for name in ours):
+    current = rec.get("derivation", 1) == DERIVATION
+    if not other_options and current and all("f1_at" in rec["detectors"][name] for name in ours):
         return "same"
     path = u.out / "ours" / FINISHED_MARKER
     if not path.is_file() or not same_run(read_run_config(u.out / "ours"), u.cfg):
@@ -372,6 +381,7 @@ def _refresh(u: Unit, rec: dict) -> str:
     rec["detectors"].update(detectors)
     rec["estimated_issues"] = {**rec.get("estimated_issues", {}), **estimates}
     rec["config"], rec["config_hash"] = config_to_dict(u.cfg), config_hash(u.cfg)
+    rec["derivation"] = DERIVATION
     # The run (and its code_version / finished_at) is as made; say what derived the rows again.
     rec["refreshed"] = {"code_version": code_version(), "at": utc_now()}
     return "refreshed"
@@ -419,7 +429,7 @@ def evaluate_unit(suite: DetectSuite, u: Unit, *, overwrite: bool = False) -> di
             "detectors": detectors, "ssl_pretrain_seconds": ssl_seconds, "cpu": cpu_name(),
             "device": summary.get("device"), "torch": torch.__version__, "cleanlab": cleanlab.__version__,
             "code_version": code_version(), "finished_at": utc_now(),
-            "folds": suite.folds}
+            "folds": suite.folds, "derivation": DERIVATION}
 
 
 def _is_detector(column: str) -> bool:
